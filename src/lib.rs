@@ -1,0 +1,15 @@
+//! dnatune: fine-tune genomic foundation models (DNABERT-2, k-mer DNABERT) on labelled DNA sequences.
+//!
+//! The modules mirror the pipeline: `data` (files to records and splits) -> `tokenize` (records to
+//! token ids) -> `batch` (ids to padded batches) -> `model` + `peft` (encoder, heads, adapters) ->
+//! `train` (loop, optimiser, schedule, checkpoints) -> `eval` (metrics, report).
+
+pub mod batch;
+pub mod data;
+pub mod eval;
+pub mod fsutil;
+pub mod model;
+pub mod ops;
+pub mod peft;
+pub mod tokenize;
+pub mod train;

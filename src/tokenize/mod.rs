@@ -1,0 +1,1 @@
+//! tokenize (work in progress)
