@@ -1,1 +1,236 @@
-//! ops (work in progress)
+//! Numeric building blocks shared by the encoders and the adapters: layer norm, the frozen-weight
+//! matmul that skips weight gradients, dropout with a seeded generator, and seeded initialisers.
+
+use std::cell::RefCell;
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Whether a forward pass trains (dropout on) and the generator its dropout masks come from.
+///
+/// Masks are drawn with our own seeded generator rather than candle's, whose CPU generator cannot
+/// be seeded: a run with the same seed must give the same metrics.
+pub struct ForwardCtx {
+    train: bool,
+    rng: RefCell<StdRng>,
+}
+
+impl ForwardCtx {
+    /// Evaluation: no dropout.
+    pub fn eval() -> Self {
+        ForwardCtx { train: false, rng: RefCell::new(StdRng::seed_from_u64(0)) }
+    }
+
+    /// Training with dropout masks drawn from `seed`.
+    pub fn train(seed: u64) -> Self {
+        ForwardCtx { train: true, rng: RefCell::new(StdRng::seed_from_u64(seed)) }
+    }
+
+    pub fn is_train(&self) -> bool {
+        self.train
+    }
+
+    /// Inverted dropout: zeroes each element with probability `p` and scales the rest by 1/(1-p).
+    pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        if !self.train || p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - p;
+        let scale = (1.0 / keep) as f32;
+        let mut rng = self.rng.borrow_mut();
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+/// LayerNorm over the last dimension, built from differentiable ops (candle-nn's fused layer norm
+/// has no backward pass).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// Softmax over the last dimension (differentiable).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// `x @ w^T` for a weight that is not trained.
+///
+/// candle's matmul backward always computes both operand gradients, which for a frozen base
+/// weight is a full extra GEMM per layer thrown away. Here the product is computed outside the
+/// graph and re-attached to `x` through an op whose backward yields only `grad @ w`.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let y = x.detach().matmul(&w.t()?)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2(&y, AttachInputGrad { weight: w.clone() })
+}
+
+/// Forward: returns its second argument unchanged. Backward: routes `grad @ weight` to the first.
+struct AttachInputGrad {
+    weight: Tensor,
+}
+
+impl CustomOp2 for AttachInputGrad {
+    fn name(&self) -> &'static str {
+        "attach-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match l2.contiguous_offsets() {
+            Some((start, end)) if start == 0 && end == l2.shape().elem_count() => s2.try_clone(l2)?,
+            _ => candle_core::bail!("attach-input-grad expects a contiguous product"),
+        };
+        Ok((out, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad_res.matmul(&self.weight)?), None))
+    }
+}
+
+/// ALiBi head slopes as DNABERT-2 computes them: for a power-of-two head count n, 2^(-8(k+1)/n);
+/// otherwise the slopes of the nearest lower power of two p, then every other slope of the
+/// 2p-head list, truncated to n.
+pub fn alibi_slopes(n_heads: usize) -> Vec<f64> {
+    fn power_of_two(n: usize) -> Vec<f64> {
+        (0..n).map(|k| 2f64.powf(-8.0 * (k + 1) as f64 / n as f64)).collect()
+    }
+    if n_heads.is_power_of_two() {
+        return power_of_two(n_heads);
+    }
+    let p = 1usize << (usize::BITS - 1 - n_heads.leading_zeros());
+    let mut slopes = power_of_two(p);
+    slopes.extend(alibi_slopes(2 * p).into_iter().step_by(2).take(n_heads - p));
+    slopes
+}
+
+/// A seeded source of initial values (normal for weights, Kaiming-uniform for LoRA A).
+pub struct Initializer {
+    rng: StdRng,
+}
+
+impl Initializer {
+    pub fn new(seed: u64) -> Self {
+        Initializer { rng: StdRng::seed_from_u64(seed) }
+    }
+
+    /// Normal(0, std) samples by Box-Muller.
+    pub fn normal(&mut self, n: usize, std: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let u1: f64 = self.rng.random::<f64>().max(f64::MIN_POSITIVE);
+                let u2: f64 = self.rng.random();
+                (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+            })
+            .collect()
+    }
+
+    /// Uniform(-bound, bound) samples.
+    pub fn uniform(&mut self, n: usize, bound: f64) -> Vec<f32> {
+        (0..n).map(|_| self.rng.random_range(-bound..bound) as f32).collect()
+    }
+
+    pub fn next_seed(&mut self) -> u64 {
+        self.rng.random()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn alibi_slopes_match_closed_form() {
+        let s8 = alibi_slopes(8);
+        for (k, s) in s8.iter().enumerate() {
+            assert!((s - 0.5f64.powi(k as i32 + 1)).abs() < 1e-15);
+        }
+        // 12 heads: the 8 power-of-two slopes 2^-1..2^-8, then slopes 0, 2, 4, 6 of the 16-head
+        // list 2^(-(k+1)/2): 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5.
+        let expected12: Vec<f64> = (1..=8)
+            .map(|k| 2f64.powi(-k))
+            .chain([0.5, 1.5, 2.5, 3.5].map(|e| 2f64.powf(-e)))
+            .collect();
+        let s12 = alibi_slopes(12);
+        assert_eq!(s12.len(), 12);
+        for (a, b) in s12.iter().zip(&expected12) {
+            assert!((a - b).abs() < 1e-15, "{s12:?}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_f64_recomputation() {
+        let dev = Device::Cpu;
+        let mut init = Initializer::new(3);
+        let x = init.normal(2 * 5, 1.5);
+        let w = init.normal(5, 1.0);
+        let b = init.normal(5, 1.0);
+        let t = |v: &Vec<f32>, s: &[usize]| Tensor::from_vec(v.clone(), s, &dev).unwrap();
+        let out = layer_norm(&t(&x, &[2, 5]), &t(&w, &[5]), &t(&b, &[5]), 1e-5).unwrap();
+        let out: Vec<Vec<f32>> = out.to_vec2().unwrap();
+        for r in 0..2 {
+            let row: Vec<f64> = x[r * 5..r * 5 + 5].iter().map(|&v| v as f64).collect();
+            let mean = row.iter().sum::<f64>() / 5.0;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 5.0;
+            for c in 0..5 {
+                let want = (row[c] - mean) / (var + 1e-5).sqrt() * w[c] as f64 + b[c] as f64;
+                assert!((out[r][c] as f64 - want).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn frozen_matmul_gives_plain_values_and_input_gradient_only() {
+        let dev = Device::Cpu;
+        let mut init = Initializer::new(7);
+        let x = Var::from_vec(init.normal(3 * 4, 1.0), (3, 4), &dev).unwrap();
+        let w = Tensor::from_vec(init.normal(5 * 4, 1.0), (5, 4), &dev).unwrap();
+        let plain = x.matmul(&w.t().unwrap()).unwrap();
+        let frozen = frozen_matmul(x.as_tensor(), &w).unwrap();
+        let diff = (plain.clone() - frozen.clone()).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        let g_plain = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g_frozen = frozen.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let a = g_plain.get(&x).unwrap();
+        let b = g_frozen.get(&x).unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(g_frozen.get(&w).is_none(), "frozen weight received a gradient");
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_keeps_expectation() {
+        let x = Tensor::ones((100, 100), DType::F32, &Device::Cpu).unwrap();
+        let a = ForwardCtx::train(5).dropout(&x, 0.1).unwrap();
+        let b = ForwardCtx::train(5).dropout(&x, 0.1).unwrap();
+        let same = a.eq(&b).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap();
+        assert_eq!(same.to_scalar::<f32>().unwrap(), 1.0);
+        let mean = a.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((mean - 1.0).abs() < 0.03, "mean {mean}");
+        let eval = ForwardCtx::eval().dropout(&x, 0.5).unwrap();
+        assert_eq!(eval.sum_all().unwrap().to_scalar::<f32>().unwrap(), 10000.0);
+    }
+}

@@ -1,1 +1,109 @@
-//! peft (work in progress)
+//! Parameter-efficient fine-tuning: the one linear layer every model calls, holding a frozen or
+//! trainable base weight and an optional LoRA adapter.
+//!
+//! LoRA (Hu et al., 2021): y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with A (r x in)
+//! Kaiming-uniform and B (out x r) zero so training starts from the base model exactly. Parameter
+//! names follow PEFT (`<module>.lora_A.weight`, `<module>.lora_B.weight`).
+
+use anyhow::Result;
+use candle_core::{Tensor, D};
+
+use crate::model::params::{Init, ParamBuilder};
+use crate::ops::{frozen_matmul, ForwardCtx};
+
+/// LoRA hyper-parameters, as in PEFT's `LoraConfig`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module-name patterns: a module matches when its name equals a pattern or ends with
+    /// `.pattern` (PEFT's rule for a list of names).
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    /// The target pattern `module` matches, if any.
+    pub fn matching_target(&self, module: &str) -> Option<&str> {
+        self.target_modules
+            .iter()
+            .find(|t| module == t.as_str() || module.ends_with(&format!(".{t}")))
+            .map(String::as_str)
+    }
+}
+
+/// The low-rank update of one linear layer.
+pub struct LoraAdapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+/// A linear layer `y = x W^T + b` (+ LoRA). `weight` is (out, in) as in PyTorch.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    /// Fetches `{name}.weight` (and `{name}.bias`) from the builder and, when `name` matches a
+    /// LoRA target, creates the adapter.
+    pub fn build(
+        b: &mut ParamBuilder,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        std: f64,
+    ) -> Result<Self> {
+        let weight = b.get(&format!("{name}.weight"), &[out_dim, in_dim], Init::Normal(std))?;
+        let bias = if bias {
+            Some(b.get(&format!("{name}.bias"), &[out_dim], Init::Zeros)?)
+        } else {
+            None
+        };
+        let lora_cfg = b.lora.clone();
+        let lora = match lora_cfg.as_ref().and_then(|c| c.matching_target(name).map(|t| (c, t))) {
+            Some((cfg, target)) => {
+                b.lora_matched.insert(target.to_string());
+                // Kaiming-uniform with a = sqrt(5), as torch.nn.Linear and PEFT initialise A.
+                let bound = 1.0 / (in_dim as f64).sqrt();
+                let a = b.get(&format!("{name}.lora_A.weight"), &[cfg.r, in_dim], Init::Uniform(bound))?;
+                let bm = b.get(&format!("{name}.lora_B.weight"), &[out_dim, cfg.r], Init::Zeros)?;
+                Some(LoraAdapter { a, b: bm, scaling: cfg.scaling(), dropout: cfg.dropout })
+            }
+            None => None,
+        };
+        Ok(Linear { weight, bias, lora })
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let x2 = x.reshape(((), in_dim))?;
+        let mut y = if self.weight.is_variable() {
+            x2.matmul(&self.weight.t()?)?
+        } else {
+            frozen_matmul(&x2, &self.weight)?
+        };
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let Some(lora) = &self.lora {
+            let xd = ctx.dropout(&x2, lora.dropout)?;
+            let update = xd.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
+            y = (y + (update * lora.scaling)?)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty shape") = y.dim(D::Minus1)?;
+        y.reshape(out_dims)
+    }
+}
+
+pub mod adapter;

@@ -1,1 +1,539 @@
-//! train (work in progress)
+//! The fine-tuning loop: data to batches, forward and backward, AdamW steps with warm-up, gradient
+//! accumulation and clipping, evaluation on dev with best-checkpoint keeping and early stopping,
+//! atomic checkpoints that `--resume` continues exactly, and the final test evaluation.
+
+pub mod bench;
+pub mod config;
+pub mod optim;
+mod state;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::batch::{collate, plan_batches, Batch, BatchOrder};
+use crate::data::{self, Record};
+use crate::eval::{self, LogEntry, Metrics};
+use crate::model::config::Architecture;
+use crate::model::params::{ParamStore, Trainable};
+use crate::model::{self, LoadOptions, LoadedModel, SequenceClassifier};
+use crate::ops::ForwardCtx;
+use crate::peft::{adapter, LoraConfig};
+use crate::tokenize::{load_tokenizer, Tokenizer};
+use config::{Method, SplitKind, TrainConfig};
+use optim::{clip_grad_norm, learning_rate, AdamW};
+use state::RunState;
+
+/// Token ids of every record, truncated to `max_len`.
+pub fn encode_all(records: &[Record], tokenizer: &dyn Tokenizer, max_len: usize) -> Vec<Vec<u32>> {
+    records.iter().map(|r| tokenizer.encode(&r.seq, Some(max_len))).collect()
+}
+
+/// The (batch, seq) id and mask tensors of a collated batch.
+pub fn batch_tensors(batch: &Batch, device: &Device) -> Result<(Tensor, Tensor)> {
+    let shape = (batch.batch_size, batch.seq_len);
+    let ids = Tensor::from_vec(batch.input_ids.clone(), shape, device)?;
+    let mask = Tensor::from_vec(batch.attention_mask.clone(), shape, device)?;
+    Ok((ids, mask))
+}
+
+/// Class probabilities (row-major N x C) for `sequences`, in their order. Batches are formed from
+/// length-sorted sequences so little compute goes to padding.
+pub fn predict_probs(
+    model: &SequenceClassifier,
+    sequences: &[Vec<u32>],
+    pad_id: u32,
+    batch_size: usize,
+    device: &Device,
+    progress: Option<&ProgressBar>,
+) -> Result<Vec<f32>> {
+    let c = model.num_labels;
+    let mut order: Vec<usize> = (0..sequences.len()).collect();
+    order.sort_by_key(|&i| sequences[i].len());
+    let mut probs = vec![0f32; sequences.len() * c];
+    let ctx = ForwardCtx::eval();
+    for chunk in order.chunks(batch_size) {
+        let batch = collate(chunk, sequences, pad_id);
+        let (ids, mask) = batch_tensors(&batch, device)?;
+        let logits = model.forward(&ids, &mask, &ctx)?.detach();
+        let p: Vec<Vec<f32>> = crate::ops::softmax_last(&logits)?.to_vec2()?;
+        for (row, &i) in p.iter().zip(chunk) {
+            probs[i * c..(i + 1) * c].copy_from_slice(row);
+        }
+        if let Some(pb) = progress {
+            pb.inc(chunk.len() as u64);
+        }
+    }
+    Ok(probs)
+}
+
+/// Metrics (with mean cross-entropy as `loss`) of `model` on labelled sequences.
+pub fn evaluate(
+    model: &SequenceClassifier,
+    sequences: &[Vec<u32>],
+    labels: &[usize],
+    pad_id: u32,
+    batch_size: usize,
+    device: &Device,
+) -> Result<(Metrics, Vec<f32>)> {
+    let probs = predict_probs(model, sequences, pad_id, batch_size, device, None)?;
+    let c = model.num_labels;
+    let mut metrics = eval::compute_metrics(labels, &probs, c);
+    let loss: f64 = labels
+        .iter()
+        .enumerate()
+        .map(|(i, &y)| -(probs[i * c + y].max(1e-12) as f64).ln())
+        .sum::<f64>()
+        / labels.len().max(1) as f64;
+    metrics.loss = Some(loss);
+    Ok((metrics, probs))
+}
+
+/// A split's records, ids and labels.
+struct SplitData {
+    records: Vec<Record>,
+    ids: Vec<Vec<u32>>,
+    labels: Vec<usize>,
+}
+
+fn prepare_split(records: Vec<Record>, tokenizer: &dyn Tokenizer, max_len: usize, what: &str) -> Result<SplitData> {
+    let labels = records
+        .iter()
+        .map(|r| r.label.with_context(|| format!("{what} record `{}` has no label", r.id)))
+        .collect::<Result<Vec<_>>>()?;
+    let ids = encode_all(&records, tokenizer, max_len);
+    Ok(SplitData { records, ids, labels })
+}
+
+/// The LoRA configuration a run uses, with the architecture's default targets.
+pub fn lora_config(cfg: &TrainConfig, arch: Architecture) -> LoraConfig {
+    let targets = if cfg.lora.target_modules.is_empty() {
+        match arch {
+            Architecture::Dnabert2 => vec!["Wqkv".to_string()],
+            Architecture::Bert => vec!["query".into(), "key".into(), "value".into()],
+        }
+    } else {
+        cfg.lora.target_modules.clone()
+    };
+    LoraConfig { r: cfg.lora.r, alpha: cfg.lora.alpha, dropout: cfg.lora.dropout, target_modules: targets }
+}
+
+/// Reads the architecture from a model directory without loading weights (for LoRA defaults).
+fn peek_architecture(dir: &Path) -> Result<Architecture> {
+    let (files_format, files) = model::checkpoint::find_weight_files(dir)?;
+    let _ = files_format;
+    let mut names = Vec::new();
+    for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "safetensors")) {
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f)? };
+        names.extend(st.tensors().into_iter().map(|(n, _)| n));
+    }
+    let (cfg, _) = model::config::ModelConfig::from_dir(dir, names.iter().map(String::as_str))?;
+    Ok(cfg.architecture)
+}
+
+/// What a finished run reports.
+pub struct RunSummary {
+    pub dev_best: Metrics,
+    pub test: Metrics,
+    pub best_step: usize,
+    pub steps: usize,
+    pub run_dir: PathBuf,
+}
+
+/// Trains as `cfg` says, or continues the run in `cfg.out` when `resume` is set.
+pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
+    cfg.validate()?;
+    let run_dir = cfg.out.clone();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let device = Device::Cpu;
+
+    // Data.
+    let read_opts = data::ReadOptions {
+        sequence_column: cfg.sequence_column.clone(),
+        label_column: cfg.label_column.clone(),
+        skip_invalid: cfg.skip_invalid,
+        labels: data::LabelPolicy::Required,
+    };
+    let split_cfg = data::SplitConfig {
+        strategy: match cfg.split.strategy {
+            SplitKind::Random => data::SplitStrategy::Random,
+            SplitKind::Stratified => data::SplitStrategy::Stratified,
+            SplitKind::Chromosome => data::SplitStrategy::Chromosome,
+        },
+        dev_fraction: cfg.split.dev_fraction,
+        test_fraction: cfg.split.test_fraction,
+        seed: cfg.seed,
+        dev_chroms: cfg.split.dev_chroms.clone(),
+        test_chroms: cfg.split.test_chroms.clone(),
+    };
+    let (mut splits, source) = data::load_splits(&cfg.data, &read_opts, &split_cfg)?;
+    if matches!(source, data::SplitSource::SplitFromFile) {
+        data::write_split_csv(&run_dir.join("split.csv"), &splits)?;
+        println!(
+            "split {} into train {} / dev {} / test {} ({:?}, seed {}); saved to {}",
+            cfg.data.display(),
+            splits.train.len(),
+            splits.dev.len(),
+            splits.test.len(),
+            cfg.split.strategy,
+            cfg.seed,
+            run_dir.join("split.csv").display()
+        );
+    }
+    if let Some(n) = cfg.max_train_samples.filter(|&n| n < splits.train.len()) {
+        let mut idx: Vec<usize> = (0..splits.train.len()).collect();
+        idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed));
+        let mut keep = idx[..n].to_vec();
+        keep.sort_unstable();
+        splits.train = keep.into_iter().map(|i| splits.train[i].clone()).collect();
+    }
+    if cfg.reverse_complement {
+        splits.train = data::with_reverse_complements(&splits.train);
+    }
+    let tokenizer = load_tokenizer(&cfg.model)?;
+    let pad = tokenizer.special_tokens().pad;
+    let train = prepare_split(splits.train, tokenizer.as_ref(), cfg.max_length, "train")?;
+    let dev = prepare_split(splits.dev, tokenizer.as_ref(), cfg.max_length, "dev")?;
+    let test = prepare_split(splits.test, tokenizer.as_ref(), cfg.max_length, "test")?;
+    let num_labels = train.labels.iter().chain(&dev.labels).chain(&test.labels).max().map_or(2, |m| (m + 1).max(2));
+    let mean_tokens = train.ids.iter().map(Vec::len).sum::<usize>() as f64 / train.ids.len().max(1) as f64;
+    println!(
+        "data: train {} / dev {} / test {} sequences, {} classes; tokenizer {}, {:.1} tokens per sequence",
+        train.ids.len(),
+        dev.ids.len(),
+        test.ids.len(),
+        num_labels,
+        tokenizer.describe(),
+        mean_tokens
+    );
+
+    // Model.
+    let lora = match cfg.method {
+        Method::Full => None,
+        Method::Lora => {
+            let from_adapter = match &cfg.adapter {
+                Some(dir) => Some(adapter::load_adapter(dir, &device)?),
+                None => None,
+            };
+            Some(match &from_adapter {
+                Some(a) => a.config.clone(),
+                None => lora_config(cfg, peek_architecture(&cfg.model)?),
+            })
+        }
+    };
+    let start_adapter = match &cfg.adapter {
+        Some(dir) => Some(adapter::load_adapter(dir, &device)?.tensors),
+        None => None,
+    };
+    let opts = LoadOptions {
+        num_labels: Some(num_labels),
+        trainable: match cfg.method {
+            Method::Full => Trainable::All,
+            Method::Lora => Trainable::AdaptersAndHead,
+        },
+        lora: lora.clone(),
+        pooling: cfg.pooling,
+        seed: cfg.seed,
+        hidden_dropout: cfg.hidden_dropout,
+        attention_dropout: cfg.attention_dropout,
+    };
+    let LoadedModel { model, params, config: model_cfg, notes, .. } =
+        model::load_classifier(&cfg.model, start_adapter, &opts, &device)?;
+    for note in &notes {
+        println!("model: {note}");
+    }
+    let (total, trainable) = (params.num_params(), params.num_trainable());
+    println!(
+        "parameters: {} total, {} trainable ({:.2} %), method {:?}",
+        total,
+        trainable,
+        100.0 * trainable as f64 / total as f64,
+        cfg.method
+    );
+
+    let mut opt = AdamW::new(params.trainable(), cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)?;
+    let lengths: Vec<usize> = train.ids.iter().map(Vec::len).collect();
+    let micro_per_epoch = train.ids.len().div_ceil(cfg.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
+    let planned = if cfg.epochs == 0 { usize::MAX } else { cfg.epochs * steps_per_epoch };
+    let total_steps = if cfg.max_steps > 0 { cfg.max_steps.min(planned) } else { planned };
+    let warmup = cfg.warmup_steps.unwrap_or((cfg.warmup_ratio * total_steps as f64).round() as usize);
+    let peak_lr = cfg.learning_rate();
+    let best_dir = run_dir.join("best");
+    let saver = BestSaver { cfg, lora: lora.as_ref(), model_cfg: &model_cfg, tokenizer: tokenizer.as_ref() };
+
+    let mut state = if resume {
+        let st = state::load_checkpoint(&run_dir, &params, &mut opt)?
+            .with_context(|| format!("{} holds no checkpoint to resume from", run_dir.display()))?;
+        println!("resuming {} at step {} (epoch {})", run_dir.display(), st.step, st.epoch);
+        st
+    } else {
+        crate::fsutil::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+        RunState::default()
+    };
+
+    let bar = ProgressBar::new(total_steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(state.step as u64);
+    let mut window = (0f64, 0usize, 0usize, Instant::now()); // loss sum, micro count, seqs, start
+    let mut last_eval_step = state.last_eval_step;
+    let mut stop = state.finished;
+    while !stop && state.step < total_steps && (cfg.epochs == 0 || state.epoch < cfg.epochs) {
+        let plan = plan_batches(
+            &lengths,
+            cfg.batch_size,
+            BatchOrder::Shuffled { seed: cfg.seed, epoch: state.epoch as u64, bucket_by_length: cfg.bucket_by_length },
+        );
+        while state.micro_in_epoch < plan.len() && state.step < total_steps {
+            let group_end = (state.micro_in_epoch + cfg.grad_accum).min(plan.len());
+            let group = &plan[state.micro_in_epoch..group_end];
+            let group_seqs: usize = group.iter().map(Vec::len).sum();
+            let mut grads: HashMap<String, Tensor> = HashMap::new();
+            for (m, micro) in group.iter().enumerate() {
+                let batch = collate(micro, &train.ids, pad);
+                let (ids, mask) = batch_tensors(&batch, &device)?;
+                let labels: Vec<u32> = micro.iter().map(|&i| train.labels[i] as u32).collect();
+                let labels = Tensor::from_vec(labels, micro.len(), &device)?;
+                let ctx = ForwardCtx::train(mix_seed(cfg.seed, state.step, m));
+                let logits = model.forward(&ids, &mask, &ctx)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                let weighted = (&loss * (micro.len() as f64 / group_seqs as f64))?;
+                let store = weighted.backward()?;
+                for (name, var) in params.trainable() {
+                    if let Some(g) = store.get(var) {
+                        let entry = grads.entry(name.clone());
+                        match entry {
+                            std::collections::hash_map::Entry::Occupied(mut e) => {
+                                let sum = (e.get() + g)?;
+                                e.insert(sum);
+                            }
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert(g.clone());
+                            }
+                        }
+                    }
+                }
+                window.0 += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                window.1 += 1;
+                window.2 += micro.len();
+            }
+            if cfg.max_grad_norm > 0.0 {
+                clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+            }
+            let lr = learning_rate(cfg.scheduler, peak_lr, state.step, warmup, total_steps);
+            opt.step(&grads, lr)?;
+            state.step += 1;
+            state.micro_in_epoch = group_end;
+            bar.inc(1);
+            let epoch_f = state.epoch as f64 + state.micro_in_epoch as f64 / plan.len() as f64;
+            if state.step % cfg.log_every.max(1) == 0 || state.step == total_steps {
+                let secs = window.3.elapsed().as_secs_f64().max(1e-9);
+                let entry = LogEntry::Train {
+                    step: state.step,
+                    epoch: epoch_f,
+                    loss: window.0 / window.1.max(1) as f64,
+                    lr,
+                    seq_per_s: window.2 as f64 / secs,
+                };
+                if let LogEntry::Train { loss, seq_per_s, .. } = &entry {
+                    bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {seq_per_s:.1} seq/s"));
+                }
+                state.log.push(entry);
+                write_log(&run_dir, &state.log)?;
+                window = (0.0, 0, 0, Instant::now());
+            }
+            let epoch_done = state.micro_in_epoch >= plan.len();
+            if epoch_done {
+                state.epoch += 1;
+                state.micro_in_epoch = 0;
+            }
+            let periodic = cfg.eval_every > 0 && state.step % cfg.eval_every == 0;
+            if epoch_done || periodic || state.step == total_steps {
+                let (metrics, _) = evaluate(&model, &dev.ids, &dev.labels, pad, cfg.eval_batch_size, &device)?;
+                last_eval_step = state.step;
+                let value = metrics.get(&cfg.metric).unwrap_or(f64::NAN);
+                let improved = match state.best_value {
+                    None => true,
+                    Some(best) if Metrics::higher_is_better(&cfg.metric) => value > best,
+                    Some(best) => value < best,
+                };
+                bar.println(format!(
+                    "step {:>6}  epoch {:>5.2}  dev {} {:.4}  accuracy {:.4}  f1 {:.4}  auroc {}{}",
+                    state.step,
+                    epoch_f,
+                    cfg.metric,
+                    value,
+                    metrics.accuracy,
+                    metrics.f1,
+                    metrics.auroc.map_or("-".into(), |v| format!("{v:.4}")),
+                    if improved { "  (best)" } else { "" }
+                ));
+                state.log.push(LogEntry::Eval { step: state.step, epoch: epoch_f, split: "dev".into(), metrics: metrics.clone() });
+                if improved {
+                    state.best_value = Some(value);
+                    state.best_step = state.step;
+                    state.best_metrics = Some(metrics);
+                    state.evals_since_best = 0;
+                    saver.save(&best_dir, &params)?;
+                } else {
+                    state.evals_since_best += 1;
+                }
+                if cfg.patience > 0 && state.evals_since_best >= cfg.patience {
+                    bar.println(format!(
+                        "early stopping: no {} improvement in {} evaluations",
+                        cfg.metric, cfg.patience
+                    ));
+                    stop = true;
+                }
+                state.last_eval_step = last_eval_step;
+                state.finished = stop || state.step >= total_steps;
+                write_log(&run_dir, &state.log)?;
+                state::save_checkpoint(&run_dir, &state, &params, &opt)?;
+                if stop {
+                    break;
+                }
+            }
+        }
+    }
+    bar.finish_and_clear();
+
+    // Test with the best checkpoint.
+    let dev_best = state.best_metrics.clone().context("training ended without any evaluation")?;
+    restore_best(&best_dir, cfg.method, &params, &device)?;
+    let (test_metrics, test_probs) = evaluate(&model, &test.ids, &test.labels, pad, cfg.eval_batch_size, &device)?;
+    state.log.push(LogEntry::Eval {
+        step: state.best_step,
+        epoch: state.epoch as f64,
+        split: "test".into(),
+        metrics: test_metrics.clone(),
+    });
+    write_log(&run_dir, &state.log)?;
+    write_predictions(&run_dir.join("test_predictions.csv"), &test.records, &test_probs, num_labels)?;
+    let mut dev_json = serde_json::to_value(&dev_best)?;
+    dev_json["step"] = serde_json::json!(state.best_step);
+    crate::fsutil::write_json_atomic(
+        &run_dir.join("metrics.json"),
+        &serde_json::json!({ "dev_best": dev_json, "test": test_metrics, "metric": cfg.metric }),
+    )?;
+    let config_toml = cfg.to_toml()?;
+    eval::write_report(
+        &run_dir.join("report.html"),
+        &eval::ReportInput {
+            title: &format!("dnatune run {}", run_dir.display()),
+            config_toml: &config_toml,
+            log: &state.log,
+            best_metric: &cfg.metric,
+            test: Some(eval::TestResult {
+                metrics: &test_metrics,
+                labels: &test.labels,
+                probs: &test_probs,
+                num_classes: num_labels,
+            }),
+        },
+    )?;
+    print_summary(&dev_best, &test_metrics, state.best_step, &run_dir);
+    Ok(RunSummary { dev_best, test: test_metrics, best_step: state.best_step, steps: state.step, run_dir })
+}
+
+/// A per-step seed for dropout masks, so that a resumed run draws the same masks.
+fn mix_seed(seed: u64, step: usize, micro: usize) -> u64 {
+    let mut x = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (micro as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 31;
+    x.wrapping_mul(0x94D0_49BB_1331_11EB)
+}
+
+/// Writes the best model: a full model directory, or a PEFT adapter that names its base.
+struct BestSaver<'a> {
+    cfg: &'a TrainConfig,
+    lora: Option<&'a LoraConfig>,
+    model_cfg: &'a model::config::ModelConfig,
+    tokenizer: &'a dyn Tokenizer,
+}
+
+impl BestSaver<'_> {
+    fn save(&self, dir: &Path, params: &ParamStore) -> Result<()> {
+        let tmp = dir.with_extension("partial");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        match self.lora {
+            None => model::save_model_dir(&tmp, self.model_cfg, params, self.tokenizer, DType::F32)?,
+            Some(lora) => adapter::save_adapter(&tmp, lora, params, &self.cfg.model)?,
+        }
+        state::replace_dir(&tmp, dir)
+    }
+}
+
+/// Puts the best checkpoint's trainable tensors back into the model.
+fn restore_best(dir: &Path, method: Method, params: &ParamStore, device: &Device) -> Result<()> {
+    let tensors = match method {
+        Method::Full => model::checkpoint::normalize_prefix(model::checkpoint::load_weights(dir, device)?.0, "bert."),
+        Method::Lora => adapter::load_adapter(dir, device)?.tensors,
+    };
+    for (name, var) in params.trainable() {
+        let t = tensors.get(name).with_context(|| format!("best checkpoint {} lacks `{name}`", dir.display()))?;
+        var.set(t)?;
+    }
+    Ok(())
+}
+
+fn write_log(run_dir: &Path, log: &[LogEntry]) -> Result<()> {
+    let mut text = String::new();
+    for entry in log {
+        text.push_str(&serde_json::to_string(entry)?);
+        text.push('\n');
+    }
+    crate::fsutil::write_atomic(&run_dir.join("log.jsonl"), text.as_bytes())
+}
+
+/// `id,length,label,prediction,prob_0..` for labelled records, one row each.
+pub fn write_predictions(path: &Path, records: &[Record], probs: &[f32], num_labels: usize) -> Result<()> {
+    crate::fsutil::write_atomic_with(path, |w| {
+        use std::io::Write;
+        let mut header = String::from("id,length,label,prediction");
+        for c in 0..num_labels {
+            header.push_str(&format!(",prob_{c}"));
+        }
+        writeln!(w, "{header}")?;
+        for (i, r) in records.iter().enumerate() {
+            let row = &probs[i * num_labels..(i + 1) * num_labels];
+            let pred = row.iter().enumerate().fold(0, |best, (c, &p)| if p > row[best] { c } else { best });
+            let label = r.label.map_or(String::new(), |l| l.to_string());
+            let id = if r.id.contains(',') { format!("\"{}\"", r.id.replace('"', "\"\"")) } else { r.id.clone() };
+            write!(w, "{id},{},{label},{pred}", r.seq.len())?;
+            for p in row {
+                write!(w, ",{p:.6}")?;
+            }
+            writeln!(w)?;
+        }
+        Ok(())
+    })
+}
+
+fn print_summary(dev: &Metrics, test: &Metrics, best_step: usize, run_dir: &Path) {
+    println!("\nbest checkpoint: step {best_step}");
+    println!("{:<10} {:>8} {:>8}", "metric", "dev", "test");
+    for name in ["mcc", "accuracy", "f1", "precision", "recall", "auroc", "auprc", "loss"] {
+        let fmt = |m: &Metrics| m.get(name).map_or("-".to_string(), |v| format!("{v:.4}"));
+        println!("{:<10} {:>8} {:>8}", name, fmt(dev), fmt(test));
+    }
+    println!("\nwrote {}/{{metrics.json, log.jsonl, report.html, test_predictions.csv, best/}}", run_dir.display());
+}
+
+/// Checks that a run directory exists before `--resume` reads it.
+pub fn resume_config(run_dir: &Path) -> Result<TrainConfig> {
+    let path = run_dir.join("config.toml");
+    if !path.exists() {
+        bail!("{} is not a dnatune run directory (no config.toml)", run_dir.display());
+    }
+    TrainConfig::from_toml_file(&path)
+}

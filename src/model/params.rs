@@ -1,0 +1,208 @@
+//! The parameter store: every tensor of a model under its Hugging Face name, frozen (plain tensor)
+//! or trainable (`Var`), built from loaded weights with shape checks and seeded initialisation of
+//! whatever the checkpoint lacks and may lack (a fresh pooler and classifier, LoRA adapters).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::ops::Initializer;
+use crate::peft::LoraConfig;
+
+/// One named parameter. `var` is set when the optimiser updates it; `tensor` shares its storage.
+#[derive(Clone)]
+pub struct Param {
+    pub tensor: Tensor,
+    pub var: Option<Var>,
+}
+
+/// All parameters of a model, ordered by name.
+#[derive(Clone, Default)]
+pub struct ParamStore {
+    pub entries: BTreeMap<String, Param>,
+}
+
+impl ParamStore {
+    pub fn trainable(&self) -> impl Iterator<Item = (&String, &Var)> {
+        self.entries.iter().filter_map(|(n, p)| p.var.as_ref().map(|v| (n, v)))
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.entries.values().map(|p| p.tensor.elem_count()).sum()
+    }
+
+    pub fn num_trainable(&self) -> usize {
+        self.trainable().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Tensors whose name satisfies `keep`, for saving.
+    pub fn tensors(&self, keep: impl Fn(&str) -> bool) -> HashMap<String, Tensor> {
+        self.entries
+            .iter()
+            .filter(|(n, _)| keep(n))
+            .map(|(n, p)| (n.clone(), p.tensor.clone()))
+            .collect()
+    }
+}
+
+/// How a parameter starts when the checkpoint does not provide it.
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    Normal(f64),
+    Uniform(f64),
+    Zeros,
+    Ones,
+}
+
+/// Which parameters the optimiser updates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trainable {
+    /// Full fine-tuning (and pre-training): everything.
+    All,
+    /// Adapter training: LoRA matrices, pooler and classifier only.
+    AdaptersAndHead,
+    /// Inference.
+    Nothing,
+}
+
+/// What building a model from a checkpoint found.
+#[derive(Debug, Default)]
+pub struct BuildReport {
+    /// Parameters the checkpoint lacked and that were freshly initialised.
+    pub initialized: Vec<String>,
+    /// Checkpoint tensors the model has no use for.
+    pub unused: Vec<String>,
+}
+
+/// Builds a [`ParamStore`] while the model asks for its tensors by name.
+pub struct ParamBuilder {
+    loaded: HashMap<String, Tensor>,
+    used: HashSet<String>,
+    store: ParamStore,
+    trainable: Trainable,
+    init: Initializer,
+    /// Names that may be initialised when absent from `loaded` (all of them for a fresh model).
+    may_init: Box<dyn Fn(&str) -> bool>,
+    pub(crate) lora: Option<LoraConfig>,
+    pub(crate) lora_matched: HashSet<String>,
+    initialized: Vec<String>,
+    problems: Vec<String>,
+    device: Device,
+}
+
+/// Heads that a classification model may build fresh on top of a pre-trained encoder.
+pub fn is_head(name: &str) -> bool {
+    name.starts_with("bert.pooler.") || name.starts_with("classifier.")
+}
+
+impl ParamBuilder {
+    pub fn new(
+        loaded: HashMap<String, Tensor>,
+        trainable: Trainable,
+        seed: u64,
+        may_init: Box<dyn Fn(&str) -> bool>,
+        device: &Device,
+    ) -> Self {
+        ParamBuilder {
+            loaded,
+            used: HashSet::new(),
+            store: ParamStore::default(),
+            trainable,
+            init: Initializer::new(seed),
+            may_init,
+            lora: None,
+            lora_matched: HashSet::new(),
+            initialized: Vec::new(),
+            problems: Vec::new(),
+            device: device.clone(),
+        }
+    }
+
+    /// A builder for a randomly initialised model.
+    pub fn fresh(seed: u64, device: &Device) -> Self {
+        Self::new(HashMap::new(), Trainable::All, seed, Box::new(|_| true), device)
+    }
+
+    pub fn with_lora(mut self, lora: Option<LoraConfig>) -> Self {
+        self.lora = lora;
+        self
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn is_trainable(&self, name: &str) -> bool {
+        match self.trainable {
+            Trainable::All => true,
+            Trainable::AdaptersAndHead => is_head(name) || name.contains(".lora_"),
+            Trainable::Nothing => false,
+        }
+    }
+
+    /// The tensor `name` of `shape`: from the checkpoint when present (shape-checked), else
+    /// initialised if allowed; problems are collected and reported together by [`Self::finish`].
+    pub fn get(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let tensor = match self.loaded.get(name) {
+            Some(t) if t.dims() == shape => {
+                self.used.insert(name.to_string());
+                t.to_dtype(DType::F32)?.to_device(&self.device)?
+            }
+            Some(t) => {
+                self.used.insert(name.to_string());
+                self.problems.push(format!(
+                    "tensor `{name}` has shape {:?} in the checkpoint but the model expects {shape:?}",
+                    t.dims()
+                ));
+                Tensor::zeros(shape, DType::F32, &self.device)?
+            }
+            None => {
+                if !(self.may_init)(name) {
+                    self.problems.push(format!("tensor `{name}` {shape:?} is missing"));
+                } else {
+                    self.initialized.push(name.to_string());
+                }
+                let values = match init {
+                    Init::Normal(std) => self.init.normal(n, std),
+                    Init::Uniform(bound) => self.init.uniform(n, bound),
+                    Init::Zeros => vec![0.0; n],
+                    Init::Ones => vec![1.0; n],
+                };
+                Tensor::from_vec(values, shape, &self.device)?
+            }
+        };
+        let param = if self.is_trainable(name) {
+            let var = Var::from_tensor(&tensor)?;
+            Param { tensor: var.as_tensor().clone(), var: Some(var) }
+        } else {
+            Param { tensor, var: None }
+        };
+        let out = param.tensor.clone();
+        self.store.entries.insert(name.to_string(), param);
+        Ok(out)
+    }
+
+    /// Ends the build: fails naming every missing or mis-shaped tensor and every LoRA target that
+    /// matched no module.
+    pub fn finish(mut self) -> Result<(ParamStore, BuildReport)> {
+        if let Some(lora) = &self.lora {
+            for target in &lora.target_modules {
+                if !self.lora_matched.contains(target) {
+                    self.problems.push(format!(
+                        "LoRA target module `{target}` matches no linear layer of this model"
+                    ));
+                }
+            }
+        }
+        if !self.problems.is_empty() {
+            bail!("the weights do not fit the model:\n  {}", self.problems.join("\n  "));
+        }
+        let mut unused: Vec<String> =
+            self.loaded.keys().filter(|k| !self.used.contains(*k)).cloned().collect();
+        unused.sort();
+        self.initialized.sort();
+        Ok((self.store, BuildReport { initialized: self.initialized, unused }))
+    }
+}

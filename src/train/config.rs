@@ -1,0 +1,266 @@
+//! The training configuration: a TOML file whose every field has a default, overridden by
+//! command-line flags, and written back resolved into the run directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::model::Pooling;
+
+/// Which parameters fine-tuning updates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Every weight.
+    Full,
+    /// Low-rank adapters on a frozen base, plus pooler and classifier.
+    Lora,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Warm-up, then linear decay to zero.
+    Linear,
+    /// Warm-up, then half a cosine down to zero.
+    Cosine,
+    /// Warm-up, then constant.
+    Constant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitKind {
+    Random,
+    Stratified,
+    Chromosome,
+}
+
+/// How a single input file is split (a GUE directory is used as it is).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SplitSettings {
+    pub strategy: SplitKind,
+    pub dev_fraction: f64,
+    pub test_fraction: f64,
+    pub dev_chroms: Vec<String>,
+    pub test_chroms: Vec<String>,
+}
+
+impl Default for SplitSettings {
+    fn default() -> Self {
+        SplitSettings {
+            strategy: SplitKind::Stratified,
+            dev_fraction: 0.1,
+            test_fraction: 0.1,
+            dev_chroms: vec![],
+            test_chroms: vec![],
+        }
+    }
+}
+
+/// LoRA settings; an empty `target_modules` means the architecture's default (`Wqkv` for
+/// DNABERT-2, `query,key,value` for BERT).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        LoraSettings { r: 8, alpha: 16.0, dropout: 0.05, target_modules: vec![] }
+    }
+}
+
+/// Everything a training run needs. Field names are the TOML keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model directory (config.json, tokenizer, weights).
+    pub model: PathBuf,
+    /// A GUE directory (train/dev/test) or one file to split.
+    pub data: PathBuf,
+    /// Run directory.
+    pub out: PathBuf,
+    /// An adapter directory to start from (PEFT layout).
+    pub adapter: Option<PathBuf>,
+    pub method: Method,
+    pub seed: u64,
+    pub epochs: usize,
+    /// Stop after this many optimiser steps (0: no cap).
+    pub max_steps: usize,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    pub grad_accum: usize,
+    /// Peak learning rate; default 3e-5 for full fine-tuning, 5e-4 for LoRA.
+    pub lr: Option<f64>,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Warm-up length as a fraction of all steps (ignored when `warmup_steps` is set).
+    pub warmup_ratio: f64,
+    pub warmup_steps: Option<usize>,
+    pub scheduler: Scheduler,
+    /// Gradient-norm clipping (0: none).
+    pub max_grad_norm: f64,
+    /// Token budget per sequence including [CLS] and [SEP].
+    pub max_length: usize,
+    /// Evaluate on dev every N steps as well as after each epoch (0: only after each epoch).
+    pub eval_every: usize,
+    pub log_every: usize,
+    /// Metric that picks the best checkpoint and drives early stopping.
+    pub metric: String,
+    /// Evaluations without improvement before stopping (0: never stop early).
+    pub patience: usize,
+    pub pooling: Pooling,
+    pub hidden_dropout: Option<f64>,
+    pub attention_dropout: Option<f64>,
+    /// Add the reverse complement of every training sequence.
+    pub reverse_complement: bool,
+    pub bucket_by_length: bool,
+    /// Train on a seeded random subset of this many training sequences.
+    pub max_train_samples: Option<usize>,
+    pub sequence_column: String,
+    pub label_column: String,
+    /// Skip (and count) sequences with letters other than ACGTN instead of failing.
+    pub skip_invalid: bool,
+    pub split: SplitSettings,
+    pub lora: LoraSettings,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: PathBuf::new(),
+            data: PathBuf::new(),
+            out: PathBuf::from("runs/latest"),
+            adapter: None,
+            method: Method::Lora,
+            seed: 42,
+            epochs: 3,
+            max_steps: 0,
+            batch_size: 32,
+            eval_batch_size: 128,
+            grad_accum: 1,
+            lr: None,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            warmup_ratio: 0.05,
+            warmup_steps: None,
+            scheduler: Scheduler::Linear,
+            max_grad_norm: 1.0,
+            max_length: 128,
+            eval_every: 0,
+            log_every: 10,
+            metric: "mcc".into(),
+            patience: 3,
+            pooling: Pooling::Cls,
+            hidden_dropout: None,
+            attention_dropout: None,
+            reverse_complement: false,
+            bucket_by_length: true,
+            max_train_samples: None,
+            sequence_column: "sequence".into(),
+            label_column: "label".into(),
+            skip_invalid: false,
+            split: SplitSettings::default(),
+            lora: LoraSettings::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+
+    pub fn learning_rate(&self) -> f64 {
+        self.lr.unwrap_or(match self.method {
+            Method::Full => 3e-5,
+            Method::Lora => 5e-4,
+        })
+    }
+
+    /// Checks ranges so a typo fails before any work is done.
+    pub fn validate(&self) -> Result<()> {
+        if self.model.as_os_str().is_empty() {
+            bail!("no model directory given (--model or `model = ...` in the config)");
+        }
+        if self.data.as_os_str().is_empty() {
+            bail!("no data given (--data or `data = ...` in the config)");
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 || self.eval_batch_size == 0 {
+            bail!("batch_size, eval_batch_size and grad_accum must be positive");
+        }
+        if self.epochs == 0 && self.max_steps == 0 {
+            bail!("epochs and max_steps are both 0: nothing to train");
+        }
+        if self.max_length < 3 {
+            bail!("max_length must be at least 3 ([CLS], one token, [SEP])");
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            bail!("warmup_ratio must be in [0, 1)");
+        }
+        if !crate::eval::Metrics::NAMES.contains(&self.metric.as_str()) {
+            bail!("unknown metric `{}`; choose one of {:?}", self.metric, crate::eval::Metrics::NAMES);
+        }
+        if self.method == Method::Lora && self.lora.r == 0 {
+            bail!("LoRA rank r must be positive");
+        }
+        for (name, p) in [
+            ("lora.dropout", Some(self.lora.dropout)),
+            ("hidden_dropout", self.hidden_dropout),
+            ("attention_dropout", self.attention_dropout),
+        ] {
+            if let Some(p) = p {
+                if !(0.0..1.0).contains(&p) {
+                    bail!("{name} must be in [0, 1), got {p}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_defaults_and_round_trips() {
+        let cfg: TrainConfig = toml::from_str(
+            "model = \"m\"\ndata = \"d\"\nmethod = \"full\"\nepochs = 5\n[lora]\nr = 4\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.method, Method::Full);
+        assert_eq!(cfg.epochs, 5);
+        assert_eq!(cfg.lora.r, 4);
+        assert_eq!(cfg.lora.alpha, 16.0);
+        assert_eq!(cfg.learning_rate(), 3e-5);
+        let back: TrainConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(toml::from_str::<TrainConfig>("epoch = 3\n").is_err());
+        let mut cfg = TrainConfig { model: "m".into(), data: "d".into(), ..Default::default() };
+        cfg.validate().unwrap();
+        cfg.metric = "auc".into();
+        assert!(cfg.validate().is_err());
+    }
+}
