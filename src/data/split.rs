@@ -1,0 +1,542 @@
+//! Train/dev/test splits: GUE directories as given, or one file split by a seeded strategy.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::read::read_records;
+use super::{
+    chrom_from_id, validate_sequence, DataError, ReadOptions, Record, SplitConfig, SplitSource,
+    SplitStrategy, Splits,
+};
+
+const TRAIN: u8 = 0;
+const DEV: u8 = 1;
+const TEST: u8 = 2;
+const NAMES: [&str; 3] = ["train", "dev", "test"];
+
+fn config_error(message: impl Into<String>) -> DataError {
+    DataError::new(Path::new(""), message)
+}
+
+/// Splits records by `cfg.strategy`; the same seed always gives the same split.
+///
+/// Records keep their input order inside each split. Fails when a split would be empty, when the
+/// stratified split meets an unlabelled record, or the chromosome split a record without chromosome.
+pub fn split_records(records: Vec<Record>, cfg: &SplitConfig) -> Result<Splits, DataError> {
+    for (name, f) in [("dev", cfg.dev_fraction), ("test", cfg.test_fraction)] {
+        if !(0.0..1.0).contains(&f) {
+            return Err(config_error(format!(
+                "{name} fraction must be in [0, 1), got {f}"
+            )));
+        }
+    }
+    if cfg.dev_fraction + cfg.test_fraction >= 1.0 {
+        return Err(config_error(format!(
+            "dev fraction {} + test fraction {} leaves nothing for training",
+            cfg.dev_fraction, cfg.test_fraction
+        )));
+    }
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let assignment = match cfg.strategy {
+        SplitStrategy::Random => {
+            let all: Vec<usize> = (0..records.len()).collect();
+            let mut a = vec![TRAIN; records.len()];
+            assign_shuffled(&all, cfg, false, &mut rng, &mut a);
+            a
+        }
+        SplitStrategy::Stratified => stratified(&records, cfg, &mut rng)?,
+        SplitStrategy::Chromosome => by_chromosome(&records, cfg, &mut rng)?,
+    };
+    let mut parts: [Vec<Record>; 3] = Default::default();
+    for (record, which) in records.into_iter().zip(&assignment) {
+        parts[*which as usize].push(record);
+    }
+    if let Some(empty) = parts.iter().position(Vec::is_empty) {
+        let n: usize = parts.iter().map(Vec::len).sum();
+        return Err(config_error(format!(
+            "the {} split would be empty ({n} records, {:?} strategy, dev fraction {}, test \
+             fraction {}); use more data or larger fractions",
+            NAMES[empty], cfg.strategy, cfg.dev_fraction, cfg.test_fraction
+        )));
+    }
+    let [train, dev, test] = parts;
+    Ok(Splits { train, dev, test })
+}
+
+/// Shuffles `indices` and marks the first ones test, the next dev. With `at_least_one`, groups of
+/// three or more give each split at least one record, so small classes still appear everywhere.
+fn assign_shuffled(
+    indices: &[usize],
+    cfg: &SplitConfig,
+    at_least_one: bool,
+    rng: &mut StdRng,
+    assignment: &mut [u8],
+) {
+    let n = indices.len();
+    let mut order = indices.to_vec();
+    order.shuffle(rng);
+    let mut n_test = (n as f64 * cfg.test_fraction).round() as usize;
+    let mut n_dev = (n as f64 * cfg.dev_fraction).round() as usize;
+    if at_least_one && n >= 3 {
+        n_test = n_test.max(1);
+        n_dev = n_dev.max(1);
+    }
+    // Training keeps at least one record; trim whichever held-out part is larger.
+    while n_test + n_dev > n.saturating_sub(1) && n_test + n_dev > 0 {
+        if n_test >= n_dev {
+            n_test -= 1;
+        } else {
+            n_dev -= 1;
+        }
+    }
+    for (k, &i) in order.iter().enumerate() {
+        assignment[i] = if k < n_test {
+            TEST
+        } else if k < n_test + n_dev {
+            DEV
+        } else {
+            TRAIN
+        };
+    }
+}
+
+fn stratified(
+    records: &[Record],
+    cfg: &SplitConfig,
+    rng: &mut StdRng,
+) -> Result<Vec<u8>, DataError> {
+    let mut classes: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, r) in records.iter().enumerate() {
+        let label = r.label.ok_or_else(|| {
+            config_error(format!(
+                "record '{}' has no label; a stratified split needs labels (use the random \
+                 strategy for unlabelled data)",
+                r.id
+            ))
+        })?;
+        classes.entry(label).or_default().push(i);
+    }
+    let mut assignment = vec![TRAIN; records.len()];
+    for members in classes.values() {
+        assign_shuffled(members, cfg, true, rng, &mut assignment);
+    }
+    Ok(assignment)
+}
+
+fn by_chromosome(
+    records: &[Record],
+    cfg: &SplitConfig,
+    rng: &mut StdRng,
+) -> Result<Vec<u8>, DataError> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in records {
+        let chrom = r.chrom.as_deref().ok_or_else(|| {
+            config_error(format!(
+                "record '{}' has no chromosome; a chromosome split needs ids like chr3:100-200 \
+                 (or regions read from a BED file)",
+                r.id
+            ))
+        })?;
+        *counts.entry(chrom).or_default() += 1;
+    }
+    let mut which: BTreeMap<&str, u8> = BTreeMap::new();
+    for (split, list) in [(TEST, &cfg.test_chroms), (DEV, &cfg.dev_chroms)] {
+        for c in list {
+            if !counts.contains_key(c.as_str()) {
+                let known: Vec<&str> = counts.keys().copied().collect();
+                return Err(config_error(format!(
+                    "{} chromosome '{c}' does not occur in the data (chromosomes: {})",
+                    NAMES[split as usize],
+                    known.join(", ")
+                )));
+            }
+            if let Some(prev) = which.insert(c.as_str(), split) {
+                if prev != split {
+                    return Err(config_error(format!(
+                        "chromosome '{c}' is listed for both dev and test"
+                    )));
+                }
+            }
+        }
+    }
+    // Splits without an explicit list take whole chromosomes, in a seeded order, until they hold
+    // their fraction of the records.
+    let mut free: Vec<&str> = counts
+        .keys()
+        .copied()
+        .filter(|c| !which.contains_key(c))
+        .collect();
+    free.shuffle(rng);
+    let mut free = free.into_iter();
+    let n = records.len() as f64;
+    for (split, list, fraction) in [
+        (TEST, &cfg.test_chroms, cfg.test_fraction),
+        (DEV, &cfg.dev_chroms, cfg.dev_fraction),
+    ] {
+        if !list.is_empty() {
+            continue;
+        }
+        let target = (n * fraction).round() as usize;
+        let mut held = 0;
+        while held < target {
+            let Some(c) = free.next() else { break };
+            which.insert(c, split);
+            held += counts[c];
+        }
+    }
+    Ok(records
+        .iter()
+        .map(|r| {
+            let chrom = r.chrom.as_deref().unwrap_or_default();
+            which.get(chrom).copied().unwrap_or(TRAIN)
+        })
+        .collect())
+}
+
+/// First existing `<stem>.<ext>` in `dir` for any of the stems (aliases) and usual extensions.
+fn find_split_file(dir: &Path, stems: &[&str]) -> Result<PathBuf, DataError> {
+    stems
+        .iter()
+        .flat_map(|s| ["csv", "tsv", "csv.gz", "tsv.gz"].map(|e| dir.join(format!("{s}.{e}"))))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            let aliases = if stems.len() > 1 {
+                format!(" (or {})", stems[1..].join(", "))
+            } else {
+                String::new()
+            };
+            DataError::new(
+                &dir.join(format!("{}.csv", stems[0])),
+                format!(
+                    "missing {}.csv or {}.tsv{aliases} in data directory {}; a directory needs \
+                     train, dev and test files (GUE layout)",
+                    stems[0],
+                    stems[0],
+                    dir.display()
+                ),
+            )
+        })
+}
+
+/// Loads train/dev/test: from a GUE-style directory (`train.csv`, `dev.csv`, `test.csv`; `.tsv`
+/// also accepted, `valid`/`validation` for dev) as given, or from one file split by `cfg`.
+///
+/// Records dropped by `opts.skip_invalid` are not counted here; use [`read_records`] for counts.
+pub fn load_splits(
+    data: &Path,
+    opts: &ReadOptions,
+    cfg: &SplitConfig,
+) -> Result<(Splits, SplitSource), DataError> {
+    if data.is_dir() {
+        let train = find_split_file(data, &["train"])?;
+        let dev = find_split_file(data, &["dev", "valid", "validation"])?;
+        let test = find_split_file(data, &["test"])?;
+        let splits = Splits {
+            train: read_records(&train, opts)?.records,
+            dev: read_records(&dev, opts)?.records,
+            test: read_records(&test, opts)?.records,
+        };
+        return Ok((splits, SplitSource::GueDirectory));
+    }
+    let records = read_records(data, opts)?.records;
+    let splits = split_records(records, cfg).map_err(|mut e| {
+        if e.path.as_os_str().is_empty() {
+            e.path = data.to_path_buf();
+        }
+        e
+    })?;
+    Ok((splits, SplitSource::SplitFromFile))
+}
+
+/// Records the split a run used (`id,sequence,label,split`), so it can be audited or reused with
+/// [`read_split_csv`]. Unlabelled records get an empty label field.
+pub fn write_split_csv(path: &Path, splits: &Splits) -> anyhow::Result<()> {
+    crate::fsutil::write_atomic_with(path, |w| {
+        let mut out = csv::Writer::from_writer(w);
+        out.write_record(["id", "sequence", "label", "split"])?;
+        for (name, part) in NAMES.iter().zip([&splits.train, &splits.dev, &splits.test]) {
+            for r in part {
+                let label = r.label.map(|l| l.to_string()).unwrap_or_default();
+                out.write_record([r.id.as_str(), r.seq.as_str(), label.as_str(), name])?;
+            }
+        }
+        out.flush()?;
+        Ok(())
+    })
+}
+
+/// Reads a file written by [`write_split_csv`] back into the same splits.
+pub fn read_split_csv(path: &Path) -> Result<Splits, DataError> {
+    let mut rdr = csv::Reader::from_path(path)
+        .map_err(|e| DataError::new(path, format!("cannot open: {e}")))?;
+    let header = rdr
+        .headers()
+        .map_err(|e| DataError::at(path, 1, e.to_string()))?
+        .clone();
+    if header.iter().collect::<Vec<_>>() != ["id", "sequence", "label", "split"] {
+        return Err(DataError::at(
+            path,
+            1,
+            "expected the header id,sequence,label,split of a split file",
+        ));
+    }
+    let mut parts: [Vec<Record>; 3] = Default::default();
+    for row in rdr.records() {
+        let row = row.map_err(|e| {
+            let line = e.position().map(|p| p.line() as usize);
+            DataError {
+                line,
+                ..DataError::new(path, e.to_string())
+            }
+        })?;
+        let line = row.position().map_or(0, |p| p.line() as usize);
+        let seq = validate_sequence(&row[1]).map_err(|(offset, c)| {
+            DataError::at_column(path, line, offset + 1, format!("invalid character {c:?}"))
+        })?;
+        let label = match &row[2] {
+            "" => None,
+            v => Some(v.parse::<usize>().map_err(|_| {
+                DataError::at(
+                    path,
+                    line,
+                    format!("label must be a non-negative integer, found '{v}'"),
+                )
+            })?),
+        };
+        let which = NAMES.iter().position(|n| *n == &row[3]).ok_or_else(|| {
+            DataError::at(
+                path,
+                line,
+                format!("split must be train, dev or test, found '{}'", &row[3]),
+            )
+        })?;
+        parts[which].push(Record {
+            id: row[0].to_string(),
+            chrom: chrom_from_id(&row[0]),
+            seq,
+            label,
+        });
+    }
+    let [train, dev, test] = parts;
+    Ok(Splits { train, dev, test })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeSet, HashSet};
+
+    fn rec(id: &str, label: usize, chrom: Option<&str>) -> Record {
+        Record {
+            id: id.to_string(),
+            seq: "ACGT".into(),
+            label: Some(label),
+            chrom: chrom.map(str::to_string),
+        }
+    }
+
+    /// 3 classes of unequal size: 70, 25, 5 records.
+    fn labelled() -> Vec<Record> {
+        (0..100)
+            .map(|i| {
+                rec(
+                    &format!("r{i}"),
+                    if i < 70 {
+                        0
+                    } else if i < 95 {
+                        1
+                    } else {
+                        2
+                    },
+                    None,
+                )
+            })
+            .collect()
+    }
+
+    fn ids(v: &[Record]) -> Vec<&str> {
+        v.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    fn check_partition(all: &[Record], s: &Splits) {
+        let mut seen = HashSet::new();
+        for r in s.train.iter().chain(&s.dev).chain(&s.test) {
+            assert!(seen.insert(r.id.clone()), "{} in two splits", r.id);
+        }
+        assert_eq!(seen.len(), all.len());
+        assert!(all.iter().all(|r| seen.contains(&r.id)));
+    }
+
+    #[test]
+    fn stratified_keeps_class_proportions() {
+        let all = labelled();
+        let s = split_records(all.clone(), &SplitConfig::default()).unwrap();
+        check_partition(&all, &s);
+        for (class, size) in [(0usize, 70.0), (1, 25.0), (2, 5.0)] {
+            let count = |v: &[Record]| v.iter().filter(|r| r.label == Some(class)).count() as f64;
+            for part in [&s.dev, &s.test] {
+                let expect = size * 0.1;
+                assert!(
+                    (count(part) - expect).abs() <= 1.0,
+                    "class {class}: {}",
+                    count(part)
+                );
+                assert!(count(part) >= 1.0, "class {class} missing from a split");
+            }
+            assert!((count(&s.train) - size * 0.8).abs() <= 2.0);
+        }
+    }
+
+    #[test]
+    fn random_split_sizes_and_order() {
+        let all = labelled();
+        let cfg = SplitConfig {
+            strategy: SplitStrategy::Random,
+            dev_fraction: 0.2,
+            test_fraction: 0.1,
+            ..SplitConfig::default()
+        };
+        let s = split_records(all.clone(), &cfg).unwrap();
+        check_partition(&all, &s);
+        assert_eq!((s.train.len(), s.dev.len(), s.test.len()), (70, 20, 10));
+        // Input order is kept inside a split.
+        let pos = |id: &str| all.iter().position(|r| r.id == id).unwrap();
+        let p: Vec<usize> = s.dev.iter().map(|r| pos(&r.id)).collect();
+        assert!(p.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn same_seed_same_split_other_seed_different() {
+        for strategy in [SplitStrategy::Random, SplitStrategy::Stratified] {
+            let cfg = SplitConfig {
+                strategy,
+                ..SplitConfig::default()
+            };
+            let a = split_records(labelled(), &cfg).unwrap();
+            let b = split_records(labelled(), &cfg).unwrap();
+            assert_eq!(a, b);
+            let other = SplitConfig { seed: 7, ..cfg };
+            let c = split_records(labelled(), &other).unwrap();
+            assert_ne!(ids(&a.test), ids(&c.test));
+        }
+    }
+
+    fn chrom_records() -> Vec<Record> {
+        (0..200)
+            .map(|i| {
+                let chrom = format!("chr{}", i % 10 + 1);
+                rec(&format!("{chrom}:{i}-{}", i + 5), i % 2, Some(&chrom))
+            })
+            .collect()
+    }
+
+    fn chroms(v: &[Record]) -> BTreeSet<String> {
+        v.iter().map(|r| r.chrom.clone().unwrap()).collect()
+    }
+
+    #[test]
+    fn chromosome_split_never_shares_a_chromosome() {
+        let all = chrom_records();
+        let cfg = SplitConfig {
+            strategy: SplitStrategy::Chromosome,
+            ..SplitConfig::default()
+        };
+        let s = split_records(all.clone(), &cfg).unwrap();
+        check_partition(&all, &s);
+        let (tr, dv, te) = (chroms(&s.train), chroms(&s.dev), chroms(&s.test));
+        assert!(tr.is_disjoint(&dv) && tr.is_disjoint(&te) && dv.is_disjoint(&te));
+        assert_eq!(tr.len() + dv.len() + te.len(), 10);
+        // 20 records per chromosome, target 20 for each held-out split.
+        assert_eq!((s.dev.len(), s.test.len()), (20, 20));
+        let again = split_records(all.clone(), &cfg).unwrap();
+        assert_eq!(s, again);
+
+        let fixed = SplitConfig {
+            test_chroms: vec!["chr1".into(), "chr2".into()],
+            dev_chroms: vec!["chr3".into()],
+            ..cfg.clone()
+        };
+        let s = split_records(all.clone(), &fixed).unwrap();
+        assert_eq!(
+            chroms(&s.test),
+            BTreeSet::from(["chr1".into(), "chr2".into()])
+        );
+        assert_eq!(chroms(&s.dev), BTreeSet::from(["chr3".to_string()]));
+        assert!(!chroms(&s.train).contains("chr1"));
+
+        let typo = SplitConfig {
+            test_chroms: vec!["chr99".into()],
+            ..cfg.clone()
+        };
+        assert!(split_records(all, &typo)
+            .unwrap_err()
+            .message
+            .contains("chr99"));
+    }
+
+    #[test]
+    fn chromosome_split_needs_region_ids() {
+        let cfg = SplitConfig {
+            strategy: SplitStrategy::Chromosome,
+            ..SplitConfig::default()
+        };
+        let e = split_records(labelled(), &cfg).unwrap_err();
+        assert!(e.message.contains("chr3:100-200"), "{e}");
+    }
+
+    #[test]
+    fn empty_split_and_bad_fractions_are_errors() {
+        let few: Vec<Record> = labelled().into_iter().take(2).collect();
+        let e = split_records(few, &SplitConfig::default()).unwrap_err();
+        assert!(e.message.contains("would be empty"), "{e}");
+        let bad = SplitConfig {
+            dev_fraction: 0.6,
+            test_fraction: 0.5,
+            ..SplitConfig::default()
+        };
+        assert!(split_records(labelled(), &bad).is_err());
+    }
+
+    #[test]
+    fn gue_directory_and_single_file() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/gue-tf0");
+        let opts = ReadOptions::default();
+        let (s, src) = load_splits(&root, &opts, &SplitConfig::default()).unwrap();
+        assert_eq!(src, SplitSource::GueDirectory);
+        assert_eq!((s.dev.len(), s.test.len()), (1000, 1000));
+        assert_eq!(s.train.len(), 32378);
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("train.csv"), "sequence,label\nAC,0\n").unwrap();
+        std::fs::write(
+            dir.path().join("validation.tsv"),
+            "sequence\tlabel\nAC\t0\n",
+        )
+        .unwrap();
+        let e = load_splits(dir.path(), &opts, &SplitConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("test.csv"), "{e}");
+        std::fs::write(dir.path().join("test.csv"), "sequence,label\nGG,1\n").unwrap();
+        let (s, _) = load_splits(dir.path(), &opts, &SplitConfig::default()).unwrap();
+        assert_eq!(s.dev[0].seq, "AC");
+
+        let (s, src) = load_splits(&root.join("dev.csv"), &opts, &SplitConfig::default()).unwrap();
+        assert_eq!(src, SplitSource::SplitFromFile);
+        assert_eq!((s.train.len(), s.dev.len(), s.test.len()), (800, 100, 100));
+    }
+
+    #[test]
+    fn split_csv_round_trip() {
+        let s = split_records(labelled(), &SplitConfig::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/split.csv");
+        write_split_csv(&path, &s).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("id,sequence,label,split\n"));
+        assert_eq!(text.lines().count(), 101);
+        assert_eq!(read_split_csv(&path).unwrap(), s);
+    }
+}
