@@ -5,6 +5,7 @@
 //! `train` (loop, optimiser, schedule, checkpoints) -> `eval` (metrics, report).
 
 pub mod batch;
+pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod fsutil;

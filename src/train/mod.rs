@@ -417,7 +417,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         metrics: test_metrics.clone(),
     });
     write_log(&run_dir, &state.log)?;
-    write_predictions(&run_dir.join("test_predictions.csv"), &test.records, &test_probs, num_labels)?;
+    write_predictions(&run_dir.join("test_predictions.csv"), &test.records, &test_probs, num_labels, true)?;
     let mut dev_json = serde_json::to_value(&dev_best)?;
     dev_json["step"] = serde_json::json!(state.best_step);
     crate::fsutil::write_json_atomic(
@@ -495,11 +495,17 @@ fn write_log(run_dir: &Path, log: &[LogEntry]) -> Result<()> {
     crate::fsutil::write_atomic(&run_dir.join("log.jsonl"), text.as_bytes())
 }
 
-/// `id,length,label,prediction,prob_0..` for labelled records, one row each.
-pub fn write_predictions(path: &Path, records: &[Record], probs: &[f32], num_labels: usize) -> Result<()> {
+/// `id,length[,label],prediction,prob_0..`, one row per record.
+pub fn write_predictions(
+    path: &Path,
+    records: &[Record],
+    probs: &[f32],
+    num_labels: usize,
+    with_labels: bool,
+) -> Result<()> {
     crate::fsutil::write_atomic_with(path, |w| {
         use std::io::Write;
-        let mut header = String::from("id,length,label,prediction");
+        let mut header = String::from(if with_labels { "id,length,label,prediction" } else { "id,length,prediction" });
         for c in 0..num_labels {
             header.push_str(&format!(",prob_{c}"));
         }
@@ -509,7 +515,11 @@ pub fn write_predictions(path: &Path, records: &[Record], probs: &[f32], num_lab
             let pred = row.iter().enumerate().fold(0, |best, (c, &p)| if p > row[best] { c } else { best });
             let label = r.label.map_or(String::new(), |l| l.to_string());
             let id = if r.id.contains(',') { format!("\"{}\"", r.id.replace('"', "\"\"")) } else { r.id.clone() };
-            write!(w, "{id},{},{label},{pred}", r.seq.len())?;
+            if with_labels {
+                write!(w, "{id},{},{label},{pred}", r.seq.len())?;
+            } else {
+                write!(w, "{id},{},{pred}", r.seq.len())?;
+            }
             for p in row {
                 write!(w, ",{p:.6}")?;
             }

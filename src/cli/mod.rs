@@ -1,0 +1,541 @@
+//! The `dnatune` command line: parses, calls the library, prints. Errors end the program with a
+//! message naming what went wrong and exit status 1 (2 for usage errors, from clap).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::data::{self, LabelPolicy, ReadOptions};
+use crate::model::config::{Architecture, ModelConfig};
+use crate::model::params::{is_head, Trainable};
+use crate::model::{self, LoadOptions, Pooling};
+use crate::peft::adapter;
+use crate::tokenize::{self, Tokenizer};
+use crate::train::config::{Method, Scheduler, SplitKind, TrainConfig};
+use crate::train::{self, bench};
+
+#[derive(Parser)]
+#[command(name = "dnatune", version, about = "Fine-tune genomic foundation models on labelled DNA sequences")]
+struct Cli {
+    /// CPU threads for every computation (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a small model on the bundled TF-binding data and print its test metrics.
+    Quickstart(QuickstartArgs),
+    /// Write a randomly initialised model directory.
+    InitModel(InitModelArgs),
+    /// Fine-tune a model on labelled sequences.
+    Train(Box<TrainArgs>),
+    /// Predict classes for sequences in a CSV/TSV/FASTA file.
+    Predict(PredictArgs),
+    /// Evaluate a model on a labelled file.
+    Eval(EvalArgs),
+    /// Measure training throughput.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct QuickstartArgs {
+    /// Run directory.
+    #[arg(long, default_value = "runs/quickstart")]
+    out: PathBuf,
+    /// Training sequences drawn from the bundled training set.
+    #[arg(long, default_value_t = 8000)]
+    train_samples: usize,
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ArchArg {
+    Dnabert2,
+    Bert,
+}
+
+#[derive(Args)]
+struct InitModelArgs {
+    #[arg(long, value_enum, default_value = "dnabert2")]
+    arch: ArchArg,
+    /// Copy config and tokenizer from this model directory (random weights).
+    #[arg(long, conflicts_with_all = ["arch", "kmer", "tokenizer"])]
+    like: Option<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 1024)]
+    intermediate: usize,
+    /// A BPE `tokenizer.json` (DNABERT-2 style models).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// k for an overlapping k-mer vocabulary (classic DNABERT); writes vocab.txt.
+    #[arg(long)]
+    kmer: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    max_positions: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML configuration; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue the interrupted run in this directory (its config.toml is used).
+    #[arg(long, conflicts_with = "config")]
+    resume: Option<PathBuf>,
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// GUE directory (train/dev/test .csv|.tsv) or one CSV/TSV/FASTA file to split.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Start from this adapter directory (PEFT layout).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    method: Option<Method>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    eval_batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warm-up: a fraction of all steps when below 1, else a step count.
+    #[arg(long)]
+    warmup: Option<f64>,
+    #[arg(long, value_enum)]
+    scheduler: Option<Scheduler>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    max_length: Option<usize>,
+    #[arg(long)]
+    eval_every: Option<usize>,
+    #[arg(long)]
+    log_every: Option<usize>,
+    /// Metric for best checkpoint and early stopping (mcc, f1, accuracy, auroc, auprc, loss, ...).
+    #[arg(long)]
+    metric: Option<String>,
+    #[arg(long)]
+    patience: Option<usize>,
+    #[arg(long, value_enum)]
+    pooling: Option<Pooling>,
+    /// Hidden-layer dropout probability.
+    #[arg(long)]
+    dropout: Option<f64>,
+    #[arg(long)]
+    attention_dropout: Option<f64>,
+    #[arg(long)]
+    lora_r: Option<usize>,
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// Comma-separated module-name patterns to adapt.
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Option<Vec<String>>,
+    #[arg(long)]
+    reverse_complement: bool,
+    #[arg(long)]
+    skip_invalid: bool,
+    #[arg(long)]
+    sequence_column: Option<String>,
+    #[arg(long)]
+    label_column: Option<String>,
+    #[arg(long, value_enum)]
+    split: Option<SplitKind>,
+    #[arg(long)]
+    dev_fraction: Option<f64>,
+    #[arg(long)]
+    test_fraction: Option<f64>,
+    #[arg(long)]
+    max_train_samples: Option<usize>,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// An adapter directory (PEFT layout) applied on the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    max_length: usize,
+    #[arg(long, value_enum, default_value = "cls")]
+    pooling: Pooling,
+    #[arg(long, default_value = "sequence")]
+    sequence_column: String,
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    #[arg(long)]
+    skip_invalid: bool,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    data: PathBuf,
+    /// Print the metrics as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 32)]
+    seq_len: usize,
+    #[arg(long, value_enum, default_value = "lora")]
+    method: Method,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the command line and returns the exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    if let Err(e) = set_threads(cli.threads) {
+        eprintln!("error: {e:#}");
+        return 1;
+    }
+    let result = match cli.command {
+        Command::Quickstart(a) => quickstart(a),
+        Command::InitModel(a) => init_model(a),
+        Command::Train(a) => train_cmd(*a),
+        Command::Predict(a) => predict(a),
+        Command::Eval(a) => eval_cmd(a),
+        Command::Bench(a) => bench_cmd(a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+/// candle's CPU kernels read rayon's thread count; it must be set before the first tensor op.
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
+    }
+    Ok(())
+}
+
+/// Finds a file shipped with the repository, whether run from the checkout or elsewhere.
+fn bundled(relative: &str) -> Result<PathBuf> {
+    let here = PathBuf::from(relative);
+    if here.exists() {
+        return Ok(here);
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+    if built.exists() {
+        return Ok(built);
+    }
+    bail!("bundled file {relative} not found (run from the dnatune checkout)")
+}
+
+fn quickstart(a: QuickstartArgs) -> Result<()> {
+    let data = bundled("data/gue-tf0")?;
+    let tokenizer = bundled("assets/tokenizers/dna-bpe-4096/tokenizer.json")?;
+    let base = a.out.join("base-model");
+    println!("dnatune quickstart: human TF binding (GUE tf/0), a small DNABERT-2 trained on CPU\n");
+    init_model(InitModelArgs {
+        arch: ArchArg::Dnabert2,
+        like: None,
+        layers: 2,
+        hidden: 128,
+        heads: 4,
+        intermediate: 512,
+        tokenizer: Some(tokenizer),
+        kmer: None,
+        max_positions: 512,
+        seed: a.seed,
+        out: base.clone(),
+    })?;
+    let cfg = TrainConfig {
+        model: base,
+        data,
+        out: a.out.join("run"),
+        method: Method::Full,
+        seed: a.seed,
+        epochs: a.epochs,
+        lr: Some(5e-4),
+        max_train_samples: Some(a.train_samples),
+        max_length: 64,
+        ..TrainConfig::default()
+    };
+    let summary = train::run(&cfg, false)?;
+    println!(
+        "\nquickstart test MCC {:.3} (accuracy {:.3}, AUROC {}) on {} held-out sequences",
+        summary.test.mcc,
+        summary.test.accuracy,
+        summary.test.auroc.map_or("-".into(), |v| format!("{v:.3}")),
+        summary.test.n
+    );
+    Ok(())
+}
+
+fn init_model(a: InitModelArgs) -> Result<()> {
+    let (config, tokenizer): (ModelConfig, Box<dyn Tokenizer>) = match &a.like {
+        Some(dir) => {
+            let (mut cfg, _) = ModelConfig::from_dir(dir, [])?;
+            cfg.num_labels = None;
+            (cfg, tokenize::load_tokenizer(dir)?)
+        }
+        None => {
+            let tokenizer: Box<dyn Tokenizer> = match (a.arch, &a.tokenizer, a.kmer) {
+                (_, Some(path), None) => Box::new(tokenize::BpeTokenizer::from_file(path)?),
+                (_, None, Some(k)) => Box::new(tokenize::KmerTokenizer::overlapping(k)?),
+                (_, Some(_), Some(_)) => bail!("give either --tokenizer or --kmer, not both"),
+                (ArchArg::Dnabert2, None, None) => bail!("--arch dnabert2 needs --tokenizer PATH/tokenizer.json"),
+                (ArchArg::Bert, None, None) => bail!("--arch bert needs --kmer K (or --tokenizer)"),
+            };
+            let arch = match a.arch {
+                ArchArg::Dnabert2 => Architecture::Dnabert2,
+                ArchArg::Bert => Architecture::Bert,
+            };
+            let mut cfg =
+                ModelConfig::new(arch, tokenizer.vocab_size(), a.layers, a.hidden, a.heads, a.intermediate)?;
+            cfg.max_position_embeddings = a.max_positions;
+            (cfg, tokenizer)
+        }
+    };
+    let params = model::init_params(&config, 2, a.seed)?;
+    // A base model carries no classification head: fine-tuning creates one for its classes.
+    let mut encoder = params;
+    encoder.entries.retain(|name, _| !is_head(name));
+    model::save_model_dir(&a.out, &config, &encoder, tokenizer.as_ref(), candle_core::DType::F32)?;
+    println!(
+        "wrote {}: {} ({} layers, hidden {}, {} heads, intermediate {}), {} parameters, tokenizer {}",
+        a.out.display(),
+        config.architecture,
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.intermediate_size,
+        encoder.num_params(),
+        tokenizer.describe()
+    );
+    Ok(())
+}
+
+fn train_cmd(a: TrainArgs) -> Result<()> {
+    if let Some(run_dir) = &a.resume {
+        let cfg = train::resume_config(run_dir)?;
+        let cfg = TrainConfig { out: run_dir.clone(), ..cfg };
+        train::run(&cfg, true)?;
+        return Ok(());
+    }
+    let mut cfg = match &a.config {
+        Some(path) => TrainConfig::from_toml_file(path)?,
+        None => TrainConfig::default(),
+    };
+    macro_rules! set {
+        ($($field:ident),*) => { $( if let Some(v) = a.$field.clone() { cfg.$field = v; } )* };
+    }
+    set!(model, data, out, method, epochs, max_steps, batch_size, eval_batch_size, grad_accum);
+    set!(scheduler, weight_decay, max_grad_norm, seed, max_length, eval_every, log_every, metric);
+    set!(patience, pooling, sequence_column, label_column);
+    if a.adapter.is_some() {
+        cfg.adapter = a.adapter.clone();
+    }
+    if a.lr.is_some() {
+        cfg.lr = a.lr;
+    }
+    if let Some(w) = a.warmup {
+        if w < 1.0 {
+            cfg.warmup_ratio = w;
+            cfg.warmup_steps = None;
+        } else {
+            cfg.warmup_steps = Some(w as usize);
+        }
+    }
+    if a.dropout.is_some() {
+        cfg.hidden_dropout = a.dropout;
+    }
+    if a.attention_dropout.is_some() {
+        cfg.attention_dropout = a.attention_dropout;
+    }
+    if let Some(r) = a.lora_r {
+        cfg.lora.r = r;
+    }
+    if let Some(alpha) = a.lora_alpha {
+        cfg.lora.alpha = alpha;
+    }
+    if let Some(p) = a.lora_dropout {
+        cfg.lora.dropout = p;
+    }
+    if let Some(t) = a.lora_targets.clone() {
+        cfg.lora.target_modules = t;
+    }
+    if let Some(s) = a.split {
+        cfg.split.strategy = s;
+    }
+    if let Some(f) = a.dev_fraction {
+        cfg.split.dev_fraction = f;
+    }
+    if let Some(f) = a.test_fraction {
+        cfg.split.test_fraction = f;
+    }
+    if a.max_train_samples.is_some() {
+        cfg.max_train_samples = a.max_train_samples;
+    }
+    cfg.reverse_complement |= a.reverse_complement;
+    cfg.skip_invalid |= a.skip_invalid;
+    train::run(&cfg, false)?;
+    Ok(())
+}
+
+/// A model (plus optional adapter) ready for inference, and its tokenizer.
+fn load_for_inference(a: &ModelArgs) -> Result<(model::LoadedModel, Box<dyn Tokenizer>)> {
+    let device = candle_core::Device::Cpu;
+    let (tensors, lora) = match &a.adapter {
+        Some(dir) => {
+            let ad = adapter::load_adapter(dir, &device)?;
+            (Some(ad.tensors), Some(ad.config))
+        }
+        None => (None, None),
+    };
+    let opts = LoadOptions { trainable: Trainable::Nothing, lora, pooling: a.pooling, ..LoadOptions::default() };
+    let loaded = model::load_classifier(&a.model, tensors, &opts, &device)?;
+    for note in &loaded.notes {
+        eprintln!("model: {note}");
+    }
+    let tokenizer = tokenize::load_tokenizer(&a.model)?;
+    Ok((loaded, tokenizer))
+}
+
+fn read_opts(a: &ModelArgs, labels: LabelPolicy) -> ReadOptions {
+    ReadOptions {
+        sequence_column: a.sequence_column.clone(),
+        label_column: a.label_column.clone(),
+        skip_invalid: a.skip_invalid,
+        labels,
+    }
+}
+
+fn report_skipped(ds: &data::Dataset, path: &Path) {
+    if ds.skipped > 0 {
+        eprintln!("skipped {} sequences with letters other than ACGTN in {}", ds.skipped, path.display());
+    }
+}
+
+fn predict(a: PredictArgs) -> Result<()> {
+    let ds = data::read_records(&a.input, &read_opts(&a.model, LabelPolicy::Optional))?;
+    report_skipped(&ds, &a.input);
+    let (loaded, tokenizer) = load_for_inference(&a.model)?;
+    let ids = train::encode_all(&ds.records, tokenizer.as_ref(), a.model.max_length);
+    let bar = indicatif::ProgressBar::new(ids.len() as u64);
+    let probs = train::predict_probs(
+        &loaded.model,
+        &ids,
+        tokenizer.special_tokens().pad,
+        a.model.batch_size,
+        &candle_core::Device::Cpu,
+        Some(&bar),
+    )?;
+    bar.finish_and_clear();
+    train::write_predictions(&a.out, &ds.records, &probs, loaded.model.num_labels, false)?;
+    println!("wrote {} predictions to {}", ds.records.len(), a.out.display());
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs) -> Result<()> {
+    let ds = data::read_records(&a.data, &read_opts(&a.model, LabelPolicy::Required))?;
+    report_skipped(&ds, &a.data);
+    let (loaded, tokenizer) = load_for_inference(&a.model)?;
+    let ids = train::encode_all(&ds.records, tokenizer.as_ref(), a.model.max_length);
+    let labels: Vec<usize> = ds.records.iter().map(|r| r.label.context("record without a label")).collect::<Result<_>>()?;
+    if let Some(&max) = labels.iter().max() {
+        if max >= loaded.model.num_labels {
+            bail!("{}: label {max} but the model has {} classes", a.data.display(), loaded.model.num_labels);
+        }
+    }
+    let (metrics, _) = train::evaluate(
+        &loaded.model,
+        &ids,
+        &labels,
+        tokenizer.special_tokens().pad,
+        a.model.batch_size,
+        &candle_core::Device::Cpu,
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&metrics)?);
+    } else {
+        println!("{} sequences from {}", metrics.n, a.data.display());
+        for name in crate::eval::Metrics::NAMES {
+            if let Some(v) = metrics.get(name) {
+                println!("{name:<10} {v:.4}");
+            }
+        }
+        println!("confusion  {:?}", metrics.confusion);
+    }
+    Ok(())
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    let r = bench::bench(&a.model, a.method, a.batch_size, a.seq_len, a.warmup, a.steps)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{:?} training, batch {} x {} tokens, {} threads: {:.3} s/step, {:.1} sequences/s, {:.0} tokens/s ({} of {} parameters trainable)",
+            r.method, r.batch_size, r.seq_len, r.threads, r.seconds_per_step, r.train_seq_per_s,
+            r.train_tokens_per_s, r.params_trainable, r.params_total
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! `dnatune bench`: training throughput of one model shape on this machine, measured on full
+//! optimiser steps (forward, backward, AdamW) over random token ids.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::model::params::Trainable;
+use crate::model::{self, LoadOptions};
+use crate::ops::ForwardCtx;
+use crate::train::config::{Method, TrainConfig};
+use crate::train::optim::AdamW;
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub method: Method,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub threads: usize,
+    pub steps: usize,
+    pub params_total: usize,
+    pub params_trainable: usize,
+    pub seconds_per_step: f64,
+    pub train_seq_per_s: f64,
+    pub train_tokens_per_s: f64,
+}
+
+/// Times `steps` training steps after `warmup` untimed ones.
+pub fn bench(
+    model_dir: &Path,
+    method: Method,
+    batch_size: usize,
+    seq_len: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchResult> {
+    let device = Device::Cpu;
+    let lora = match method {
+        Method::Full => None,
+        Method::Lora => {
+            let arch = model::config::ModelConfig::from_dir(model_dir, [])?.0.architecture;
+            let cfg = TrainConfig::default();
+            Some(crate::train::lora_config(&cfg, arch))
+        }
+    };
+    let opts = LoadOptions {
+        num_labels: Some(2),
+        trainable: match method {
+            Method::Full => Trainable::All,
+            Method::Lora => Trainable::AdaptersAndHead,
+        },
+        lora,
+        ..LoadOptions::default()
+    };
+    let loaded = model::load_classifier(model_dir, None, &opts, &device)?;
+    let vocab = loaded.config.vocab_size as u32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let ids: Vec<u32> = (0..batch_size * seq_len).map(|_| rng.random_range(5..vocab.max(6))).collect();
+    let ids = Tensor::from_vec(ids, (batch_size, seq_len), &device)?;
+    let mask = Tensor::ones((batch_size, seq_len), candle_core::DType::U32, &device)?;
+    let labels: Vec<u32> = (0..batch_size).map(|i| (i % 2) as u32).collect();
+    let labels = Tensor::from_vec(labels, batch_size, &device)?;
+    let mut opt = AdamW::new(loaded.params.trainable(), 0.9, 0.999, 1e-8, 0.01)?;
+    let mut step = |s: usize| -> Result<()> {
+        let ctx = ForwardCtx::train(s as u64);
+        let logits = loaded.model.forward(&ids, &mask, &ctx)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let store = loss.backward()?;
+        let grads: HashMap<String, Tensor> = loaded
+            .params
+            .trainable()
+            .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
+            .collect();
+        opt.step(&grads, 1e-4)
+    };
+    for s in 0..warmup {
+        step(s)?;
+    }
+    let start = Instant::now();
+    for s in 0..steps {
+        step(warmup + s)?;
+    }
+    let secs = start.elapsed().as_secs_f64() / steps.max(1) as f64;
+    Ok(BenchResult {
+        method,
+        batch_size,
+        seq_len,
+        threads: candle_core::utils::get_num_threads(),
+        steps,
+        params_total: loaded.params.num_params(),
+        params_trainable: loaded.params.num_trainable(),
+        seconds_per_step: secs,
+        train_seq_per_s: batch_size as f64 / secs,
+        train_tokens_per_s: (batch_size * seq_len) as f64 / secs,
+    })
+}
