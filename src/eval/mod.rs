@@ -1,1 +1,17 @@
-//! eval (work in progress)
+//! Evaluation: classification metrics, the training log, and the HTML run report.
+//!
+//! `metrics` turns labels and softmax outputs into [`Metrics`]; `log` is the JSON-lines record the
+//! trainer appends to; `report` renders both into a self-contained page with SVG charts drawn by
+//! `svg`.
+
+mod log;
+mod metrics;
+mod report;
+pub mod svg;
+
+pub use log::{parse_log, read_log, LogEntry};
+pub use metrics::{
+    auroc, average_precision, compute_metrics, confusion_matrix, mcc, pr_curve, roc_curve,
+    try_compute_metrics, Metrics,
+};
+pub use report::{escape_html, render_report, write_report, ReportInput, TestResult};
