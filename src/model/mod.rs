@@ -21,7 +21,9 @@ use params::{is_head, BuildReport, ParamBuilder, ParamStore, Trainable};
 
 /// How a sequence is summarised before the pooler: the [CLS] token (DNABERT-2's default) or
 /// the mean over real tokens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Pooling {
     #[default]
@@ -137,6 +139,8 @@ pub struct LoadedModel {
     pub detection: String,
     /// Human-readable lines about what was initialised or ignored.
     pub notes: Vec<String>,
+    /// The LoRA configuration applied, with default targets filled in.
+    pub lora: Option<LoraConfig>,
 }
 
 /// Loads a classifier from a Hugging Face-style directory; `adapter` holds LoRA/head tensors
@@ -171,9 +175,18 @@ pub fn load_classifier(
         (None, None) => config.num_labels.unwrap_or(2),
     };
     config.num_labels = Some(num_labels);
+    let lora = opts.lora.clone().map(|mut l| {
+        if l.target_modules.is_empty() {
+            l.target_modules = match config.architecture {
+                Architecture::Dnabert2 => vec!["Wqkv".to_string()],
+                Architecture::Bert => vec!["query".into(), "key".into(), "value".into()],
+            };
+        }
+        l
+    });
     let may_init: Box<dyn Fn(&str) -> bool> = Box::new(|n: &str| is_head(n) || n.contains(".lora_"));
-    let mut builder = ParamBuilder::new(weights, opts.trainable, opts.seed, may_init, device)
-        .with_lora(opts.lora.clone());
+    let mut builder =
+        ParamBuilder::new(weights, opts.trainable, opts.seed, may_init, device).with_lora(lora.clone());
     let model = SequenceClassifier::build(&mut builder, &config, num_labels, opts.pooling)
         .with_context(|| format!("loading {}", dir.display()))?;
     let (params, report) = builder.finish().with_context(|| format!("loading {}", dir.display()))?;
@@ -198,7 +211,7 @@ pub fn load_classifier(
             other.iter().take(8).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
         ));
     }
-    Ok(LoadedModel { model, params, config, report, detection, notes })
+    Ok(LoadedModel { model, params, config, report, detection, notes, lora })
 }
 
 /// Builds a randomly initialised encoder (with pooler and classifier) for `init-model`.

@@ -42,11 +42,7 @@ pub fn bench(
     let device = Device::Cpu;
     let lora = match method {
         Method::Full => None,
-        Method::Lora => {
-            let arch = model::config::ModelConfig::from_dir(model_dir, [])?.0.architecture;
-            let cfg = TrainConfig::default();
-            Some(crate::train::lora_config(&cfg, arch))
-        }
+        Method::Lora => Some(crate::train::lora_config(&TrainConfig::default())),
     };
     let opts = LoadOptions {
         num_labels: Some(2),

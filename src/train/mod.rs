@@ -20,7 +20,6 @@ use rand::SeedableRng;
 use crate::batch::{collate, plan_batches, Batch, BatchOrder};
 use crate::data::{self, Record};
 use crate::eval::{self, LogEntry, Metrics};
-use crate::model::config::Architecture;
 use crate::model::params::{ParamStore, Trainable};
 use crate::model::{self, LoadOptions, LoadedModel, SequenceClassifier};
 use crate::ops::ForwardCtx;
@@ -111,30 +110,15 @@ fn prepare_split(records: Vec<Record>, tokenizer: &dyn Tokenizer, max_len: usize
     Ok(SplitData { records, ids, labels })
 }
 
-/// The LoRA configuration a run uses, with the architecture's default targets.
-pub fn lora_config(cfg: &TrainConfig, arch: Architecture) -> LoraConfig {
-    let targets = if cfg.lora.target_modules.is_empty() {
-        match arch {
-            Architecture::Dnabert2 => vec!["Wqkv".to_string()],
-            Architecture::Bert => vec!["query".into(), "key".into(), "value".into()],
-        }
-    } else {
-        cfg.lora.target_modules.clone()
-    };
-    LoraConfig { r: cfg.lora.r, alpha: cfg.lora.alpha, dropout: cfg.lora.dropout, target_modules: targets }
-}
-
-/// Reads the architecture from a model directory without loading weights (for LoRA defaults).
-fn peek_architecture(dir: &Path) -> Result<Architecture> {
-    let (files_format, files) = model::checkpoint::find_weight_files(dir)?;
-    let _ = files_format;
-    let mut names = Vec::new();
-    for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "safetensors")) {
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f)? };
-        names.extend(st.tensors().into_iter().map(|(n, _)| n));
+/// The LoRA configuration a run asks for; empty targets mean the architecture's default, which
+/// [`model::load_classifier`] fills in.
+pub fn lora_config(cfg: &TrainConfig) -> LoraConfig {
+    LoraConfig {
+        r: cfg.lora.r,
+        alpha: cfg.lora.alpha,
+        dropout: cfg.lora.dropout,
+        target_modules: cfg.lora.target_modules.clone(),
     }
-    let (cfg, _) = model::config::ModelConfig::from_dir(dir, names.iter().map(String::as_str))?;
-    Ok(cfg.architecture)
 }
 
 /// What a finished run reports.
@@ -223,7 +207,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
             };
             Some(match &from_adapter {
                 Some(a) => a.config.clone(),
-                None => lora_config(cfg, peek_architecture(&cfg.model)?),
+                None => lora_config(cfg),
             })
         }
     };
@@ -243,7 +227,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         hidden_dropout: cfg.hidden_dropout,
         attention_dropout: cfg.attention_dropout,
     };
-    let LoadedModel { model, params, config: model_cfg, notes, .. } =
+    let LoadedModel { model, params, config: model_cfg, notes, lora, .. } =
         model::load_classifier(&cfg.model, start_adapter, &opts, &device)?;
     for note in &notes {
         println!("model: {note}");
@@ -285,7 +269,6 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     );
     bar.set_position(state.step as u64);
     let mut window = (0f64, 0usize, 0usize, Instant::now()); // loss sum, micro count, seqs, start
-    let mut last_eval_step = state.last_eval_step;
     let mut stop = state.finished;
     while !stop && state.step < total_steps && (cfg.epochs == 0 || state.epoch < cfg.epochs) {
         let plan = plan_batches(
@@ -359,7 +342,6 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
             let periodic = cfg.eval_every > 0 && state.step % cfg.eval_every == 0;
             if epoch_done || periodic || state.step == total_steps {
                 let (metrics, _) = evaluate(&model, &dev.ids, &dev.labels, pad, cfg.eval_batch_size, &device)?;
-                last_eval_step = state.step;
                 let value = metrics.get(&cfg.metric).unwrap_or(f64::NAN);
                 let improved = match state.best_value {
                     None => true,
@@ -394,7 +376,6 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                     ));
                     stop = true;
                 }
-                state.last_eval_step = last_eval_step;
                 state.finished = stop || state.step >= total_steps;
                 write_log(&run_dir, &state.log)?;
                 state::save_checkpoint(&run_dir, &state, &params, &opt)?;

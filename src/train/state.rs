@@ -24,7 +24,6 @@ pub struct RunState {
     pub best_step: usize,
     pub best_metrics: Option<Metrics>,
     pub evals_since_best: usize,
-    pub last_eval_step: usize,
     /// Training is over (step budget reached or stopped early); resuming only re-tests.
     pub finished: bool,
     pub log: Vec<LogEntry>,
