@@ -152,7 +152,7 @@ pub fn load_classifier(
     device: &Device,
 ) -> Result<LoadedModel> {
     let (weights, _format) = checkpoint::load_weights(dir, device)?;
-    let mut weights = checkpoint::normalize_prefix(weights, "bert.");
+    let mut weights = checkpoint::normalize_prefix(weights, "bert")?;
     if let Some(adapter) = adapter {
         weights.extend(adapter);
     }

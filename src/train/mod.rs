@@ -457,7 +457,7 @@ impl BestSaver<'_> {
 /// Puts the best checkpoint's trainable tensors back into the model.
 fn restore_best(dir: &Path, method: Method, params: &ParamStore, device: &Device) -> Result<()> {
     let tensors = match method {
-        Method::Full => model::checkpoint::normalize_prefix(model::checkpoint::load_weights(dir, device)?.0, "bert."),
+        Method::Full => model::checkpoint::normalize_prefix(model::checkpoint::load_weights(dir, device)?.0, "bert")?,
         Method::Lora => adapter::load_adapter(dir, device)?.tensors,
     };
     for (name, var) in params.trainable() {
