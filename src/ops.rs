@@ -3,7 +3,9 @@
 
 use std::cell::RefCell;
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -19,12 +21,18 @@ pub struct ForwardCtx {
 impl ForwardCtx {
     /// Evaluation: no dropout.
     pub fn eval() -> Self {
-        ForwardCtx { train: false, rng: RefCell::new(StdRng::seed_from_u64(0)) }
+        ForwardCtx {
+            train: false,
+            rng: RefCell::new(StdRng::seed_from_u64(0)),
+        }
     }
 
     /// Training with dropout masks drawn from `seed`.
     pub fn train(seed: u64) -> Self {
-        ForwardCtx { train: true, rng: RefCell::new(StdRng::seed_from_u64(seed)) }
+        ForwardCtx {
+            train: true,
+            rng: RefCell::new(StdRng::seed_from_u64(seed)),
+        }
     }
 
     pub fn is_train(&self) -> bool {
@@ -40,7 +48,13 @@ impl ForwardCtx {
         let scale = (1.0 / keep) as f32;
         let mut rng = self.rng.borrow_mut();
         let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
+            .map(|_| {
+                if rng.random::<f64>() < keep {
+                    scale
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
@@ -93,7 +107,9 @@ impl CustomOp2 for AttachInputGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match l2.contiguous_offsets() {
-            Some((start, end)) if start == 0 && end == l2.shape().elem_count() => s2.try_clone(l2)?,
+            Some((start, end)) if start == 0 && end == l2.shape().elem_count() => {
+                s2.try_clone(l2)?
+            }
             _ => candle_core::bail!("attach-input-grad expects a contiguous product"),
         };
         Ok((out, l2.shape().clone()))
@@ -115,7 +131,9 @@ impl CustomOp2 for AttachInputGrad {
 /// 2p-head list, truncated to n.
 pub fn alibi_slopes(n_heads: usize) -> Vec<f64> {
     fn power_of_two(n: usize) -> Vec<f64> {
-        (0..n).map(|k| 2f64.powf(-8.0 * (k + 1) as f64 / n as f64)).collect()
+        (0..n)
+            .map(|k| 2f64.powf(-8.0 * (k + 1) as f64 / n as f64))
+            .collect()
     }
     if n_heads.is_power_of_two() {
         return power_of_two(n_heads);
@@ -133,7 +151,9 @@ pub struct Initializer {
 
 impl Initializer {
     pub fn new(seed: u64) -> Self {
-        Initializer { rng: StdRng::seed_from_u64(seed) }
+        Initializer {
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     /// Normal(0, std) samples by Box-Muller.
@@ -149,7 +169,9 @@ impl Initializer {
 
     /// Uniform(-bound, bound) samples.
     pub fn uniform(&mut self, n: usize, bound: f64) -> Vec<f32> {
-        (0..n).map(|_| self.rng.random_range(-bound..bound) as f32).collect()
+        (0..n)
+            .map(|_| self.rng.random_range(-bound..bound) as f32)
+            .collect()
     }
 
     pub fn next_seed(&mut self) -> u64 {
@@ -210,7 +232,12 @@ mod tests {
         let w = Tensor::from_vec(init.normal(5 * 4, 1.0), (5, 4), &dev).unwrap();
         let plain = x.matmul(&w.t().unwrap()).unwrap();
         let frozen = frozen_matmul(x.as_tensor(), &w).unwrap();
-        let diff = (plain.clone() - frozen.clone()).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = (plain.clone() - frozen.clone())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
         let g_plain = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let g_frozen = frozen.sqr().unwrap().sum_all().unwrap().backward().unwrap();
@@ -218,7 +245,10 @@ mod tests {
         let b = g_frozen.get(&x).unwrap();
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
-        assert!(g_frozen.get(&w).is_none(), "frozen weight received a gradient");
+        assert!(
+            g_frozen.get(&w).is_none(),
+            "frozen weight received a gradient"
+        );
     }
 
     #[test]
@@ -226,7 +256,13 @@ mod tests {
         let x = Tensor::ones((100, 100), DType::F32, &Device::Cpu).unwrap();
         let a = ForwardCtx::train(5).dropout(&x, 0.1).unwrap();
         let b = ForwardCtx::train(5).dropout(&x, 0.1).unwrap();
-        let same = a.eq(&b).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap();
+        let same = a
+            .eq(&b)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap();
         assert_eq!(same.to_scalar::<f32>().unwrap(), 1.0);
         let mean = a.mean_all().unwrap().to_scalar::<f32>().unwrap();
         assert!((mean - 1.0).abs() < 0.03, "mean {mean}");

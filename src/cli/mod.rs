@@ -16,7 +16,11 @@ use crate::train::config::{Method, Scheduler, SplitKind, TrainConfig};
 use crate::train::{self, bench};
 
 #[derive(Parser)]
-#[command(name = "dnatune", version, about = "Fine-tune genomic foundation models on labelled DNA sequences")]
+#[command(
+    name = "dnatune",
+    version,
+    about = "Fine-tune genomic foundation models on labelled DNA sequences"
+)]
 struct Cli {
     /// CPU threads for every computation (default: all cores).
     #[arg(long, global = true)]
@@ -269,7 +273,10 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
             bail!("--threads must be at least 1");
         }
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .ok();
     }
     Ok(())
 }
@@ -340,15 +347,23 @@ fn init_model(a: InitModelArgs) -> Result<()> {
                 (_, Some(path), None) => Box::new(tokenize::BpeTokenizer::from_file(path)?),
                 (_, None, Some(k)) => Box::new(tokenize::KmerTokenizer::overlapping(k)?),
                 (_, Some(_), Some(_)) => bail!("give either --tokenizer or --kmer, not both"),
-                (ArchArg::Dnabert2, None, None) => bail!("--arch dnabert2 needs --tokenizer PATH/tokenizer.json"),
+                (ArchArg::Dnabert2, None, None) => {
+                    bail!("--arch dnabert2 needs --tokenizer PATH/tokenizer.json")
+                }
                 (ArchArg::Bert, None, None) => bail!("--arch bert needs --kmer K (or --tokenizer)"),
             };
             let arch = match a.arch {
                 ArchArg::Dnabert2 => Architecture::Dnabert2,
                 ArchArg::Bert => Architecture::Bert,
             };
-            let mut cfg =
-                ModelConfig::new(arch, tokenizer.vocab_size(), a.layers, a.hidden, a.heads, a.intermediate)?;
+            let mut cfg = ModelConfig::new(
+                arch,
+                tokenizer.vocab_size(),
+                a.layers,
+                a.hidden,
+                a.heads,
+                a.intermediate,
+            )?;
             cfg.max_position_embeddings = a.max_positions;
             (cfg, tokenizer)
         }
@@ -357,7 +372,13 @@ fn init_model(a: InitModelArgs) -> Result<()> {
     // A base model carries no classification head: fine-tuning creates one for its classes.
     let mut encoder = params;
     encoder.entries.retain(|name, _| !is_head(name));
-    model::save_model_dir(&a.out, &config, &encoder, tokenizer.as_ref(), candle_core::DType::F32)?;
+    model::save_model_dir(
+        &a.out,
+        &config,
+        &encoder,
+        tokenizer.as_ref(),
+        candle_core::DType::F32,
+    )?;
     println!(
         "wrote {}: {} ({} layers, hidden {}, {} heads, intermediate {}), {} parameters, tokenizer {}",
         a.out.display(),
@@ -375,7 +396,10 @@ fn init_model(a: InitModelArgs) -> Result<()> {
 fn train_cmd(a: TrainArgs) -> Result<()> {
     if let Some(run_dir) = &a.resume {
         let cfg = train::resume_config(run_dir)?;
-        let cfg = TrainConfig { out: run_dir.clone(), ..cfg };
+        let cfg = TrainConfig {
+            out: run_dir.clone(),
+            ..cfg
+        };
         train::run(&cfg, true)?;
         return Ok(());
     }
@@ -386,8 +410,27 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = a.$field.clone() { cfg.$field = v; } )* };
     }
-    set!(model, data, out, method, epochs, max_steps, batch_size, eval_batch_size, grad_accum);
-    set!(scheduler, weight_decay, max_grad_norm, seed, max_length, eval_every, log_every, metric);
+    set!(
+        model,
+        data,
+        out,
+        method,
+        epochs,
+        max_steps,
+        batch_size,
+        eval_batch_size,
+        grad_accum
+    );
+    set!(
+        scheduler,
+        weight_decay,
+        max_grad_norm,
+        seed,
+        max_length,
+        eval_every,
+        log_every,
+        metric
+    );
     set!(patience, pooling, sequence_column, label_column);
     if a.adapter.is_some() {
         cfg.adapter = a.adapter.clone();
@@ -449,7 +492,12 @@ fn load_for_inference(a: &ModelArgs) -> Result<(model::LoadedModel, Box<dyn Toke
         }
         None => (None, None),
     };
-    let opts = LoadOptions { trainable: Trainable::Nothing, lora, pooling: a.pooling, ..LoadOptions::default() };
+    let opts = LoadOptions {
+        trainable: Trainable::Nothing,
+        lora,
+        pooling: a.pooling,
+        ..LoadOptions::default()
+    };
     let loaded = model::load_classifier(&a.model, tensors, &opts, &device)?;
     for note in &loaded.notes {
         eprintln!("model: {note}");
@@ -469,7 +517,11 @@ fn read_opts(a: &ModelArgs, labels: LabelPolicy) -> ReadOptions {
 
 fn report_skipped(ds: &data::Dataset, path: &Path) {
     if ds.skipped > 0 {
-        eprintln!("skipped {} sequences with letters other than ACGTN in {}", ds.skipped, path.display());
+        eprintln!(
+            "skipped {} sequences with letters other than ACGTN in {}",
+            ds.skipped,
+            path.display()
+        );
     }
 }
 
@@ -489,7 +541,11 @@ fn predict(a: PredictArgs) -> Result<()> {
     )?;
     bar.finish_and_clear();
     train::write_predictions(&a.out, &ds.records, &probs, loaded.model.num_labels, false)?;
-    println!("wrote {} predictions to {}", ds.records.len(), a.out.display());
+    println!(
+        "wrote {} predictions to {}",
+        ds.records.len(),
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -498,10 +554,18 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     report_skipped(&ds, &a.data);
     let (loaded, tokenizer) = load_for_inference(&a.model)?;
     let ids = train::encode_all(&ds.records, tokenizer.as_ref(), a.model.max_length);
-    let labels: Vec<usize> = ds.records.iter().map(|r| r.label.context("record without a label")).collect::<Result<_>>()?;
+    let labels: Vec<usize> = ds
+        .records
+        .iter()
+        .map(|r| r.label.context("record without a label"))
+        .collect::<Result<_>>()?;
     if let Some(&max) = labels.iter().max() {
         if max >= loaded.model.num_labels {
-            bail!("{}: label {max} but the model has {} classes", a.data.display(), loaded.model.num_labels);
+            bail!(
+                "{}: label {max} but the model has {} classes",
+                a.data.display(),
+                loaded.model.num_labels
+            );
         }
     }
     let (metrics, _) = train::evaluate(
@@ -527,7 +591,14 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
 }
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {
-    let r = bench::bench(&a.model, a.method, a.batch_size, a.seq_len, a.warmup, a.steps)?;
+    let r = bench::bench(
+        &a.model,
+        a.method,
+        a.batch_size,
+        a.seq_len,
+        a.warmup,
+        a.steps,
+    )?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

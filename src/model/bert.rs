@@ -83,7 +83,12 @@ impl BertEncoder {
         self.word.table()
     }
 
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t > self.max_positions {
             candle_core::bail!(
@@ -104,13 +109,20 @@ impl BertEncoder {
         let mut x = ctx.dropout(&self.emb_norm.forward(&x)?, self.hidden_dropout)?;
         // Hugging Face masks padded keys with the most negative float; any large negative
         // gives the same probabilities to float precision.
-        let pad = ((mask.to_dtype(candle_core::DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
+        let pad = ((mask.to_dtype(x.dtype())? - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
             let heads = |lin: &Linear| -> candle_core::Result<Tensor> {
-                lin.forward(&x, ctx)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()
+                lin.forward(&x, ctx)?
+                    .reshape((b, t, nh, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
-            let (q, k, v) = (heads(&layer.query)?, heads(&layer.key)?, heads(&layer.value)?);
+            let (q, k, v) = (
+                heads(&layer.query)?,
+                heads(&layer.key)?,
+                heads(&layer.value)?,
+            );
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&pad)?;
             let probs = ctx.dropout(&softmax_last(&scores)?, self.attention_dropout)?;
             let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;

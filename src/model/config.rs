@@ -137,12 +137,17 @@ impl ModelConfig {
                 .map(|v| v as usize)
                 .with_context(|| format!("missing or non-integer field `{name}`"))
         };
-        let opt_f64 = |name: &str, default: f64| raw.get(name).and_then(Value::as_f64).unwrap_or(default);
+        let opt_f64 =
+            |name: &str, default: f64| raw.get(name).and_then(Value::as_f64).unwrap_or(default);
         let num_labels = raw
             .get("id2label")
             .and_then(Value::as_object)
             .map(|m| m.len())
-            .or_else(|| raw.get("num_labels").and_then(Value::as_u64).map(|v| v as usize));
+            .or_else(|| {
+                raw.get("num_labels")
+                    .and_then(Value::as_u64)
+                    .map(|v| v as usize)
+            });
         let config = ModelConfig {
             architecture,
             vocab_size: usize_field("vocab_size")?,
@@ -153,7 +158,10 @@ impl ModelConfig {
             hidden_dropout_prob: opt_f64("hidden_dropout_prob", 0.1),
             attention_probs_dropout_prob: opt_f64("attention_probs_dropout_prob", 0.0),
             layer_norm_eps: opt_f64("layer_norm_eps", 1e-12),
-            type_vocab_size: raw.get("type_vocab_size").and_then(Value::as_u64).unwrap_or(2) as usize,
+            type_vocab_size: raw
+                .get("type_vocab_size")
+                .and_then(Value::as_u64)
+                .unwrap_or(2) as usize,
             max_position_embeddings: raw
                 .get("max_position_embeddings")
                 .and_then(Value::as_u64)
@@ -179,10 +187,16 @@ impl ModelConfig {
         set("num_attention_heads", json!(self.num_attention_heads));
         set("intermediate_size", json!(self.intermediate_size));
         set("hidden_dropout_prob", json!(self.hidden_dropout_prob));
-        set("attention_probs_dropout_prob", json!(self.attention_probs_dropout_prob));
+        set(
+            "attention_probs_dropout_prob",
+            json!(self.attention_probs_dropout_prob),
+        );
         set("layer_norm_eps", json!(self.layer_norm_eps));
         set("type_vocab_size", json!(self.type_vocab_size));
-        set("max_position_embeddings", json!(self.max_position_embeddings));
+        set(
+            "max_position_embeddings",
+            json!(self.max_position_embeddings),
+        );
         set("initializer_range", json!(self.initializer_range));
         set("hidden_act", json!("gelu"));
         match self.architecture {
@@ -199,12 +213,14 @@ impl ModelConfig {
             Architecture::Bert => {
                 out.insert("model_type".into(), json!("bert"));
                 out.entry("pad_token_id").or_insert(json!(0));
-                out.entry("position_embedding_type").or_insert(json!("absolute"));
+                out.entry("position_embedding_type")
+                    .or_insert(json!("absolute"));
             }
         }
         if let Some(n) = self.num_labels {
-            let id2label: Map<String, Value> =
-                (0..n).map(|i| (i.to_string(), json!(format!("LABEL_{i}")))).collect();
+            let id2label: Map<String, Value> = (0..n)
+                .map(|i| (i.to_string(), json!(format!("LABEL_{i}"))))
+                .collect();
             let label2id: Map<String, Value> =
                 (0..n).map(|i| (format!("LABEL_{i}"), json!(i))).collect();
             out.insert("id2label".into(), Value::Object(id2label));
@@ -214,7 +230,8 @@ impl ModelConfig {
                 json!(["BertForSequenceClassification"]),
             );
         } else {
-            out.entry("architectures").or_insert(json!(["BertForMaskedLM"]));
+            out.entry("architectures")
+                .or_insert(json!(["BertForMaskedLM"]));
         }
         Value::Object(out)
     }
@@ -226,11 +243,20 @@ fn detect_architecture<'a>(
     weight_names: impl IntoIterator<Item = &'a str>,
 ) -> (Architecture, String) {
     if raw.contains_key("alibi_starting_size") {
-        return (Architecture::Dnabert2, "config.json has `alibi_starting_size`".into());
+        return (
+            Architecture::Dnabert2,
+            "config.json has `alibi_starting_size`".into(),
+        );
     }
-    let auto_map_text = raw.get("auto_map").map(|v| v.to_string()).unwrap_or_default();
+    let auto_map_text = raw
+        .get("auto_map")
+        .map(|v| v.to_string())
+        .unwrap_or_default();
     if auto_map_text.contains("bert_layers") {
-        return (Architecture::Dnabert2, "config.json `auto_map` points to bert_layers".into());
+        return (
+            Architecture::Dnabert2,
+            "config.json `auto_map` points to bert_layers".into(),
+        );
     }
     let mut saw_bert_weights = false;
     for name in weight_names {
@@ -282,11 +308,9 @@ mod tests {
             ModelConfig::from_json(base(), ["bert.encoder.layer.0.attention.self.Wqkv.weight"])
                 .unwrap();
         assert_eq!(cfg.architecture, Architecture::Dnabert2);
-        let (cfg, _) = ModelConfig::from_json(
-            base(),
-            ["bert.encoder.layer.0.attention.self.query.weight"],
-        )
-        .unwrap();
+        let (cfg, _) =
+            ModelConfig::from_json(base(), ["bert.encoder.layer.0.attention.self.query.weight"])
+                .unwrap();
         assert_eq!(cfg.architecture, Architecture::Bert);
     }
 
@@ -297,7 +321,9 @@ mod tests {
         assert!(ModelConfig::from_json(raw, []).is_err());
         let mut cfg = ModelConfig::new(Architecture::Dnabert2, 4096, 2, 64, 4, 128).unwrap();
         cfg.num_labels = Some(3);
-        let Value::Object(m) = cfg.to_json() else { panic!() };
+        let Value::Object(m) = cfg.to_json() else {
+            panic!()
+        };
         assert!(!m.contains_key("model_type"));
         let (back, _) = ModelConfig::from_json(m, []).unwrap();
         assert_eq!(back.architecture, Architecture::Dnabert2);

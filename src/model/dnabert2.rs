@@ -3,7 +3,7 @@
 //! position embeddings), ALiBi attention through a fused `Wqkv`, a gated GELU MLP, post-LayerNorm.
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::model::config::ModelConfig;
 use crate::model::layers::{Embedding, LayerNorm};
@@ -40,15 +40,27 @@ impl Dnabert2Encoder {
         let std = cfg.initializer_range;
         let eps = cfg.layer_norm_eps;
         let word = Embedding::build(b, "bert.embeddings.word_embeddings", cfg.vocab_size, h, std)?;
-        let token_type =
-            Embedding::build(b, "bert.embeddings.token_type_embeddings", cfg.type_vocab_size, h, std)?;
+        let token_type = Embedding::build(
+            b,
+            "bert.embeddings.token_type_embeddings",
+            cfg.type_vocab_size,
+            h,
+            std,
+        )?;
         let emb_norm = LayerNorm::build(b, "bert.embeddings.LayerNorm", h, eps)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("bert.encoder.layer.{l}");
             layers.push(Layer {
                 wqkv: Linear::build(b, &format!("{p}.attention.self.Wqkv"), h, 3 * h, true, std)?,
-                attn_out: Linear::build(b, &format!("{p}.attention.output.dense"), h, h, true, std)?,
+                attn_out: Linear::build(
+                    b,
+                    &format!("{p}.attention.output.dense"),
+                    h,
+                    h,
+                    true,
+                    std,
+                )?,
                 attn_norm: LayerNorm::build(b, &format!("{p}.attention.output.LayerNorm"), h, eps)?,
                 gated: Linear::build(b, &format!("{p}.mlp.gated_layers"), h, 2 * i, false, std)?,
                 wo: Linear::build(b, &format!("{p}.mlp.wo"), i, h, true, std)?,
@@ -75,7 +87,7 @@ impl Dnabert2Encoder {
 
     /// The additive attention bias for a batch: ALiBi -slope_h * |i - j| plus -10000 on padded
     /// keys, as the reference does; built once per batch and shared by every layer.
-    fn attention_bias(&self, mask: &Tensor, t: usize, device: &Device) -> candle_core::Result<Tensor> {
+    fn attention_bias(&self, mask: &Tensor, t: usize, dtype: DType) -> candle_core::Result<Tensor> {
         let mut alibi = Vec::with_capacity(self.heads * t * t);
         for slope in &self.slopes {
             for i in 0..t {
@@ -84,26 +96,38 @@ impl Dnabert2Encoder {
                 }
             }
         }
-        let alibi = Tensor::from_vec(alibi, (1, self.heads, t, t), device)?;
+        let alibi =
+            Tensor::from_vec(alibi, (1, self.heads, t, t), mask.device())?.to_dtype(dtype)?;
         let b = mask.dim(0)?;
-        let pad = ((mask.to_dtype(candle_core::DType::F32)? - 1.0)? * 10000.0)?.reshape((b, 1, 1, t))?;
+        let pad = ((mask.to_dtype(dtype)? - 1.0)? * 10000.0)?.reshape((b, 1, 1, t))?;
         alibi.broadcast_add(&pad)
     }
 
     /// Hidden states (batch, seq, hidden) for `ids` and `mask` (both (batch, seq), u32).
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (h, nh) = (self.hidden, self.heads);
         let hd = h / nh;
         let types = Tensor::zeros((b, t), candle_core::DType::U32, ids.device())?;
-        let x = self.word.forward(ids)?.broadcast_add(&self.token_type.forward(&types)?)?;
+        let x = self
+            .word
+            .forward(ids)?
+            .broadcast_add(&self.token_type.forward(&types)?)?;
         let mut x = ctx.dropout(&self.emb_norm.forward(&x)?, self.hidden_dropout)?;
-        let bias = self.attention_bias(mask, t, ids.device())?;
+        let bias = self.attention_bias(mask, t, x.dtype())?;
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
             let qkv = layer.wqkv.forward(&x, ctx)?;
             let split = |k: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(2, k * h, h)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()
+                qkv.narrow(2, k * h, h)?
+                    .reshape((b, t, nh, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;

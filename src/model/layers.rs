@@ -30,15 +30,25 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    pub fn build(b: &mut ParamBuilder, name: &str, rows: usize, dim: usize, std: f64) -> Result<Self> {
-        Ok(Embedding { table: b.get(&format!("{name}.weight"), &[rows, dim], Init::Normal(std))? })
+    pub fn build(
+        b: &mut ParamBuilder,
+        name: &str,
+        rows: usize,
+        dim: usize,
+        std: f64,
+    ) -> Result<Self> {
+        Ok(Embedding {
+            table: b.get(&format!("{name}.weight"), &[rows, dim], Init::Normal(std))?,
+        })
     }
 
     /// Looks up `ids` (any shape, u32) and appends the embedding dimension.
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let mut dims = ids.dims().to_vec();
         dims.push(self.table.dim(1)?);
-        self.table.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+        self.table
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape(dims)
     }
 
     pub fn table(&self) -> &Tensor {

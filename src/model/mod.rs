@@ -22,7 +22,15 @@ use params::{is_head, BuildReport, ParamBuilder, ParamStore, Trainable};
 /// How a sequence is summarised before the pooler: the [CLS] token (DNABERT-2's default) or
 /// the mean over real tokens.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Pooling {
@@ -44,7 +52,12 @@ impl Encoder {
         })
     }
 
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
         match self {
             Encoder::Dnabert2(e) => e.forward(ids, mask, ctx),
             Encoder::Bert(e) => e.forward(ids, mask, ctx),
@@ -85,12 +98,17 @@ impl SequenceClassifier {
     }
 
     /// Logits (batch, classes) for `ids` and `mask` (both (batch, seq), u32).
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
         let hidden = self.encoder.forward(ids, mask, ctx)?;
         let summary = match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
             Pooling::Mean => {
-                let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+                let m = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
                 let total = hidden.broadcast_mul(&m)?.sum(1)?;
                 total.broadcast_div(&m.sum(1)?)?
             }
@@ -164,7 +182,10 @@ pub fn load_classifier(
     if let Some(p) = opts.attention_dropout {
         config.attention_probs_dropout_prob = p;
     }
-    let from_checkpoint = weights.get("classifier.weight").map(|t| t.dim(0)).transpose()?;
+    let from_checkpoint = weights
+        .get("classifier.weight")
+        .map(|t| t.dim(0))
+        .transpose()?;
     let num_labels = match (from_checkpoint, opts.num_labels) {
         (Some(have), Some(want)) if have != want => bail!(
             "{}: tensor `classifier.weight` has {have} classes but the data has {want} labels",
@@ -184,34 +205,67 @@ pub fn load_classifier(
         }
         l
     });
-    let may_init: Box<dyn Fn(&str) -> bool> = Box::new(|n: &str| is_head(n) || n.contains(".lora_"));
-    let mut builder =
-        ParamBuilder::new(weights, opts.trainable, opts.seed, may_init, device).with_lora(lora.clone());
+    let may_init: Box<dyn Fn(&str) -> bool> =
+        Box::new(|n: &str| is_head(n) || n.contains(".lora_"));
+    let mut builder = ParamBuilder::new(weights, opts.trainable, opts.seed, may_init, device)
+        .with_lora(lora.clone());
     let model = SequenceClassifier::build(&mut builder, &config, num_labels, opts.pooling)
         .with_context(|| format!("loading {}", dir.display()))?;
-    let (params, report) = builder.finish().with_context(|| format!("loading {}", dir.display()))?;
-    let mut notes = vec![format!("architecture: {} ({detection})", config.architecture)];
+    let (params, report) = builder
+        .finish()
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let mut notes = vec![format!(
+        "architecture: {} ({detection})",
+        config.architecture
+    )];
     let fresh_heads: Vec<&String> = report.initialized.iter().filter(|n| is_head(n)).collect();
     if !fresh_heads.is_empty() {
         notes.push(format!(
             "the checkpoint has no trained classification head: initialised {} fresh ({} classes)",
-            fresh_heads.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+            fresh_heads
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
             num_labels
         ));
     }
-    let mlm: usize = report.unused.iter().filter(|n| n.starts_with("cls.")).count();
+    let mlm: usize = report
+        .unused
+        .iter()
+        .filter(|n| n.starts_with("cls."))
+        .count();
     if mlm > 0 {
-        notes.push(format!("ignoring the masked-LM head ({mlm} tensors `cls.*`)"));
+        notes.push(format!(
+            "ignoring the masked-LM head ({mlm} tensors `cls.*`)"
+        ));
     }
-    let other: Vec<&String> = report.unused.iter().filter(|n| !n.starts_with("cls.")).collect();
+    let other: Vec<&String> = report
+        .unused
+        .iter()
+        .filter(|n| !n.starts_with("cls."))
+        .collect();
     if !other.is_empty() {
         notes.push(format!(
             "ignoring {} unexpected tensors: {}",
             other.len(),
-            other.iter().take(8).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            other
+                .iter()
+                .take(8)
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
-    Ok(LoadedModel { model, params, config, report, detection, notes, lora })
+    Ok(LoadedModel {
+        model,
+        params,
+        config,
+        report,
+        detection,
+        notes,
+        lora,
+    })
 }
 
 /// Builds a randomly initialised encoder (with pooler and classifier) for `init-model`.

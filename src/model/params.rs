@@ -25,7 +25,9 @@ pub struct ParamStore {
 
 impl ParamStore {
     pub fn trainable(&self) -> impl Iterator<Item = (&String, &Var)> {
-        self.entries.iter().filter_map(|(n, p)| p.var.as_ref().map(|v| (n, v)))
+        self.entries
+            .iter()
+            .filter_map(|(n, p)| p.var.as_ref().map(|v| (n, v)))
     }
 
     pub fn num_params(&self) -> usize {
@@ -89,6 +91,7 @@ pub struct ParamBuilder {
     initialized: Vec<String>,
     problems: Vec<String>,
     device: Device,
+    dtype: DType,
 }
 
 /// Heads that a classification model may build fresh on top of a pre-trained encoder.
@@ -116,12 +119,19 @@ impl ParamBuilder {
             initialized: Vec::new(),
             problems: Vec::new(),
             device: device.clone(),
+            dtype: DType::F32,
         }
     }
 
     /// A builder for a randomly initialised model.
     pub fn fresh(seed: u64, device: &Device) -> Self {
-        Self::new(HashMap::new(), Trainable::All, seed, Box::new(|_| true), device)
+        Self::new(
+            HashMap::new(),
+            Trainable::All,
+            seed,
+            Box::new(|_| true),
+            device,
+        )
     }
 
     pub fn with_lora(mut self, lora: Option<LoraConfig>) -> Self {
@@ -129,8 +139,10 @@ impl ParamBuilder {
         self
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
+    /// Parameter precision (F32 by default; F64 for gradient checks).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
     }
 
     fn is_trainable(&self, name: &str) -> bool {
@@ -148,7 +160,7 @@ impl ParamBuilder {
         let tensor = match self.loaded.get(name) {
             Some(t) if t.dims() == shape => {
                 self.used.insert(name.to_string());
-                t.to_dtype(DType::F32)?.to_device(&self.device)?
+                t.to_dtype(self.dtype)?.to_device(&self.device)?
             }
             Some(t) => {
                 self.used.insert(name.to_string());
@@ -156,11 +168,12 @@ impl ParamBuilder {
                     "tensor `{name}` has shape {:?} in the checkpoint but the model expects {shape:?}",
                     t.dims()
                 ));
-                Tensor::zeros(shape, DType::F32, &self.device)?
+                Tensor::zeros(shape, self.dtype, &self.device)?
             }
             None => {
                 if !(self.may_init)(name) {
-                    self.problems.push(format!("tensor `{name}` {shape:?} is missing"));
+                    self.problems
+                        .push(format!("tensor `{name}` {shape:?} is missing"));
                 } else {
                     self.initialized.push(name.to_string());
                 }
@@ -170,12 +183,15 @@ impl ParamBuilder {
                     Init::Zeros => vec![0.0; n],
                     Init::Ones => vec![1.0; n],
                 };
-                Tensor::from_vec(values, shape, &self.device)?
+                Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?
             }
         };
         let param = if self.is_trainable(name) {
             let var = Var::from_tensor(&tensor)?;
-            Param { tensor: var.as_tensor().clone(), var: Some(var) }
+            Param {
+                tensor: var.as_tensor().clone(),
+                var: Some(var),
+            }
         } else {
             Param { tensor, var: None }
         };
@@ -197,12 +213,25 @@ impl ParamBuilder {
             }
         }
         if !self.problems.is_empty() {
-            bail!("the weights do not fit the model:\n  {}", self.problems.join("\n  "));
+            bail!(
+                "the weights do not fit the model:\n  {}",
+                self.problems.join("\n  ")
+            );
         }
-        let mut unused: Vec<String> =
-            self.loaded.keys().filter(|k| !self.used.contains(*k)).cloned().collect();
+        let mut unused: Vec<String> = self
+            .loaded
+            .keys()
+            .filter(|k| !self.used.contains(*k))
+            .cloned()
+            .collect();
         unused.sort();
         self.initialized.sort();
-        Ok((self.store, BuildReport { initialized: self.initialized, unused }))
+        Ok((
+            self.store,
+            BuildReport {
+                initialized: self.initialized,
+                unused,
+            },
+        ))
     }
 }

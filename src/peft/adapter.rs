@@ -16,7 +16,12 @@ use crate::peft::LoraConfig;
 const PREFIX: &str = "base_model.model.";
 
 /// Writes the adapter (LoRA matrices and the trained pooler/classifier) of `params`.
-pub fn save_adapter(dir: &Path, lora: &LoraConfig, params: &ParamStore, base_model: &Path) -> Result<()> {
+pub fn save_adapter(
+    dir: &Path,
+    lora: &LoraConfig,
+    params: &ParamStore,
+    base_model: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tensors: HashMap<String, Tensor> = params
         .trainable()
@@ -56,22 +61,39 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
         .with_context(|| format!("cannot read adapter config {}", cfg_path.display()))?;
     let raw: Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
-    let field = |k: &str| raw.get(k).with_context(|| format!("{}: missing `{k}`", cfg_path.display()));
+    let field = |k: &str| {
+        raw.get(k)
+            .with_context(|| format!("{}: missing `{k}`", cfg_path.display()))
+    };
     if let Some(kind) = raw.get("peft_type").and_then(Value::as_str) {
         if kind != "LORA" {
-            bail!("{}: peft_type `{kind}` is not supported (only LORA)", cfg_path.display());
+            bail!(
+                "{}: peft_type `{kind}` is not supported (only LORA)",
+                cfg_path.display()
+            );
         }
     }
     let targets = match field("target_modules")? {
         Value::String(s) => vec![s.clone()],
-        Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
-        _ => bail!("{}: `target_modules` must be a list of names", cfg_path.display()),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
+        _ => bail!(
+            "{}: `target_modules` must be a list of names",
+            cfg_path.display()
+        ),
     };
     let config = LoraConfig {
-        r: field("r")?.as_u64().with_context(|| format!("{}: `r` must be an integer", cfg_path.display()))?
+        r: field("r")?
+            .as_u64()
+            .with_context(|| format!("{}: `r` must be an integer", cfg_path.display()))?
             as usize,
         alpha: field("lora_alpha")?.as_f64().unwrap_or(8.0),
-        dropout: raw.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+        dropout: raw
+            .get("lora_dropout")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0),
         target_modules: targets,
     };
     let weights_path = dir.join("adapter_model.safetensors");
@@ -105,6 +127,13 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
         }
         tensors.insert(name, t.to_dtype(DType::F32)?);
     }
-    let base_model = raw.get("base_model_name_or_path").and_then(Value::as_str).map(String::from);
-    Ok(Adapter { config, tensors, base_model })
+    let base_model = raw
+        .get("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .map(String::from);
+    Ok(Adapter {
+        config,
+        tensors,
+        base_model,
+    })
 }

@@ -62,21 +62,41 @@ impl Linear {
         bias: bool,
         std: f64,
     ) -> Result<Self> {
-        let weight = b.get(&format!("{name}.weight"), &[out_dim, in_dim], Init::Normal(std))?;
+        let weight = b.get(
+            &format!("{name}.weight"),
+            &[out_dim, in_dim],
+            Init::Normal(std),
+        )?;
         let bias = if bias {
             Some(b.get(&format!("{name}.bias"), &[out_dim], Init::Zeros)?)
         } else {
             None
         };
         let lora_cfg = b.lora.clone();
-        let lora = match lora_cfg.as_ref().and_then(|c| c.matching_target(name).map(|t| (c, t))) {
+        let lora = match lora_cfg
+            .as_ref()
+            .and_then(|c| c.matching_target(name).map(|t| (c, t)))
+        {
             Some((cfg, target)) => {
                 b.lora_matched.insert(target.to_string());
                 // Kaiming-uniform with a = sqrt(5), as torch.nn.Linear and PEFT initialise A.
                 let bound = 1.0 / (in_dim as f64).sqrt();
-                let a = b.get(&format!("{name}.lora_A.weight"), &[cfg.r, in_dim], Init::Uniform(bound))?;
-                let bm = b.get(&format!("{name}.lora_B.weight"), &[out_dim, cfg.r], Init::Zeros)?;
-                Some(LoraAdapter { a, b: bm, scaling: cfg.scaling(), dropout: cfg.dropout })
+                let a = b.get(
+                    &format!("{name}.lora_A.weight"),
+                    &[cfg.r, in_dim],
+                    Init::Uniform(bound),
+                )?;
+                let bm = b.get(
+                    &format!("{name}.lora_B.weight"),
+                    &[out_dim, cfg.r],
+                    Init::Zeros,
+                )?;
+                Some(LoraAdapter {
+                    a,
+                    b: bm,
+                    scaling: cfg.scaling(),
+                    dropout: cfg.dropout,
+                })
             }
             None => None,
         };

@@ -56,7 +56,9 @@ pub fn bench(
     let loaded = model::load_classifier(model_dir, None, &opts, &device)?;
     let vocab = loaded.config.vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let ids: Vec<u32> = (0..batch_size * seq_len).map(|_| rng.random_range(5..vocab.max(6))).collect();
+    let ids: Vec<u32> = (0..batch_size * seq_len)
+        .map(|_| rng.random_range(5..vocab.max(6)))
+        .collect();
     let ids = Tensor::from_vec(ids, (batch_size, seq_len), &device)?;
     let mask = Tensor::ones((batch_size, seq_len), candle_core::DType::U32, &device)?;
     let labels: Vec<u32> = (0..batch_size).map(|i| (i % 2) as u32).collect();

@@ -73,7 +73,12 @@ pub struct LoraSettings {
 
 impl Default for LoraSettings {
     fn default() -> Self {
-        LoraSettings { r: 8, alpha: 16.0, dropout: 0.05, target_modules: vec![] }
+        LoraSettings {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            target_modules: vec![],
+        }
     }
 }
 
@@ -216,7 +221,11 @@ impl TrainConfig {
             bail!("warmup_ratio must be in [0, 1)");
         }
         if !crate::eval::Metrics::NAMES.contains(&self.metric.as_str()) {
-            bail!("unknown metric `{}`; choose one of {:?}", self.metric, crate::eval::Metrics::NAMES);
+            bail!(
+                "unknown metric `{}`; choose one of {:?}",
+                self.metric,
+                crate::eval::Metrics::NAMES
+            );
         }
         if self.method == Method::Lora && self.lora.r == 0 {
             bail!("LoRA rank r must be positive");
@@ -258,7 +267,11 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_rejected() {
         assert!(toml::from_str::<TrainConfig>("epoch = 3\n").is_err());
-        let mut cfg = TrainConfig { model: "m".into(), data: "d".into(), ..Default::default() };
+        let mut cfg = TrainConfig {
+            model: "m".into(),
+            data: "d".into(),
+            ..Default::default()
+        };
         cfg.validate().unwrap();
         cfg.metric = "auc".into();
         assert!(cfg.validate().is_err());

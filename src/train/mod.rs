@@ -31,7 +31,10 @@ use state::RunState;
 
 /// Token ids of every record, truncated to `max_len`.
 pub fn encode_all(records: &[Record], tokenizer: &dyn Tokenizer, max_len: usize) -> Vec<Vec<u32>> {
-    records.iter().map(|r| tokenizer.encode(&r.seq, Some(max_len))).collect()
+    records
+        .iter()
+        .map(|r| tokenizer.encode(&r.seq, Some(max_len)))
+        .collect()
 }
 
 /// The (batch, seq) id and mask tensors of a collated batch.
@@ -101,13 +104,25 @@ struct SplitData {
     labels: Vec<usize>,
 }
 
-fn prepare_split(records: Vec<Record>, tokenizer: &dyn Tokenizer, max_len: usize, what: &str) -> Result<SplitData> {
+fn prepare_split(
+    records: Vec<Record>,
+    tokenizer: &dyn Tokenizer,
+    max_len: usize,
+    what: &str,
+) -> Result<SplitData> {
     let labels = records
         .iter()
-        .map(|r| r.label.with_context(|| format!("{what} record `{}` has no label", r.id)))
+        .map(|r| {
+            r.label
+                .with_context(|| format!("{what} record `{}` has no label", r.id))
+        })
         .collect::<Result<Vec<_>>>()?;
     let ids = encode_all(&records, tokenizer, max_len);
-    Ok(SplitData { records, ids, labels })
+    Ok(SplitData {
+        records,
+        ids,
+        labels,
+    })
 }
 
 /// The LoRA configuration a run asks for; empty targets mean the architecture's default, which
@@ -134,7 +149,8 @@ pub struct RunSummary {
 pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     cfg.validate()?;
     let run_dir = cfg.out.clone();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
     let device = Device::Cpu;
 
     // Data.
@@ -185,8 +201,15 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     let train = prepare_split(splits.train, tokenizer.as_ref(), cfg.max_length, "train")?;
     let dev = prepare_split(splits.dev, tokenizer.as_ref(), cfg.max_length, "dev")?;
     let test = prepare_split(splits.test, tokenizer.as_ref(), cfg.max_length, "test")?;
-    let num_labels = train.labels.iter().chain(&dev.labels).chain(&test.labels).max().map_or(2, |m| (m + 1).max(2));
-    let mean_tokens = train.ids.iter().map(Vec::len).sum::<usize>() as f64 / train.ids.len().max(1) as f64;
+    let num_labels = train
+        .labels
+        .iter()
+        .chain(&dev.labels)
+        .chain(&test.labels)
+        .max()
+        .map_or(2, |m| (m + 1).max(2));
+    let mean_tokens =
+        train.ids.iter().map(Vec::len).sum::<usize>() as f64 / train.ids.len().max(1) as f64;
     println!(
         "data: train {} / dev {} / test {} sequences, {} classes; tokenizer {}, {:.1} tokens per sequence",
         train.ids.len(),
@@ -227,8 +250,14 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         hidden_dropout: cfg.hidden_dropout,
         attention_dropout: cfg.attention_dropout,
     };
-    let LoadedModel { model, params, config: model_cfg, notes, lora, .. } =
-        model::load_classifier(&cfg.model, start_adapter, &opts, &device)?;
+    let LoadedModel {
+        model,
+        params,
+        config: model_cfg,
+        notes,
+        lora,
+        ..
+    } = model::load_classifier(&cfg.model, start_adapter, &opts, &device)?;
     for note in &notes {
         println!("model: {note}");
     }
@@ -241,21 +270,47 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         cfg.method
     );
 
-    let mut opt = AdamW::new(params.trainable(), cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)?;
+    let mut opt = AdamW::new(
+        params.trainable(),
+        cfg.beta1,
+        cfg.beta2,
+        cfg.eps,
+        cfg.weight_decay,
+    )?;
     let lengths: Vec<usize> = train.ids.iter().map(Vec::len).collect();
     let micro_per_epoch = train.ids.len().div_ceil(cfg.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
-    let planned = if cfg.epochs == 0 { usize::MAX } else { cfg.epochs * steps_per_epoch };
-    let total_steps = if cfg.max_steps > 0 { cfg.max_steps.min(planned) } else { planned };
-    let warmup = cfg.warmup_steps.unwrap_or((cfg.warmup_ratio * total_steps as f64).round() as usize);
+    let planned = if cfg.epochs == 0 {
+        usize::MAX
+    } else {
+        cfg.epochs * steps_per_epoch
+    };
+    let total_steps = if cfg.max_steps > 0 {
+        cfg.max_steps.min(planned)
+    } else {
+        planned
+    };
+    let warmup = cfg
+        .warmup_steps
+        .unwrap_or((cfg.warmup_ratio * total_steps as f64).round() as usize);
     let peak_lr = cfg.learning_rate();
     let best_dir = run_dir.join("best");
-    let saver = BestSaver { cfg, lora: lora.as_ref(), model_cfg: &model_cfg, tokenizer: tokenizer.as_ref() };
+    let saver = BestSaver {
+        cfg,
+        lora: lora.as_ref(),
+        model_cfg: &model_cfg,
+        tokenizer: tokenizer.as_ref(),
+    };
 
     let mut state = if resume {
         let st = state::load_checkpoint(&run_dir, &params, &mut opt)?
             .with_context(|| format!("{} holds no checkpoint to resume from", run_dir.display()))?;
-        println!("resuming {} at step {} (epoch {})", run_dir.display(), st.step, st.epoch);
+        println!(
+            "resuming {} at step {} (epoch {})",
+            run_dir.display(),
+            st.step,
+            st.epoch
+        );
         st
     } else {
         crate::fsutil::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
@@ -264,8 +319,10 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
 
     let bar = ProgressBar::new(total_steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}",
+        )
+        .expect("valid template"),
     );
     bar.set_position(state.step as u64);
     let mut window = (0f64, 0usize, 0usize, Instant::now()); // loss sum, micro count, seqs, start
@@ -274,7 +331,11 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         let plan = plan_batches(
             &lengths,
             cfg.batch_size,
-            BatchOrder::Shuffled { seed: cfg.seed, epoch: state.epoch as u64, bucket_by_length: cfg.bucket_by_length },
+            BatchOrder::Shuffled {
+                seed: cfg.seed,
+                epoch: state.epoch as u64,
+                bucket_by_length: cfg.bucket_by_length,
+            },
         );
         while state.micro_in_epoch < plan.len() && state.step < total_steps {
             let group_end = (state.micro_in_epoch + cfg.grad_accum).min(plan.len());
@@ -327,7 +388,10 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                     lr,
                     seq_per_s: window.2 as f64 / secs,
                 };
-                if let LogEntry::Train { loss, seq_per_s, .. } = &entry {
+                if let LogEntry::Train {
+                    loss, seq_per_s, ..
+                } = &entry
+                {
                     bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {seq_per_s:.1} seq/s"));
                 }
                 state.log.push(entry);
@@ -341,7 +405,14 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
             }
             let periodic = cfg.eval_every > 0 && state.step % cfg.eval_every == 0;
             if epoch_done || periodic || state.step == total_steps {
-                let (metrics, _) = evaluate(&model, &dev.ids, &dev.labels, pad, cfg.eval_batch_size, &device)?;
+                let (metrics, _) = evaluate(
+                    &model,
+                    &dev.ids,
+                    &dev.labels,
+                    pad,
+                    cfg.eval_batch_size,
+                    &device,
+                )?;
                 let value = metrics.get(&cfg.metric).unwrap_or(f64::NAN);
                 let improved = match state.best_value {
                     None => true,
@@ -359,7 +430,12 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                     metrics.auroc.map_or("-".into(), |v| format!("{v:.4}")),
                     if improved { "  (best)" } else { "" }
                 ));
-                state.log.push(LogEntry::Eval { step: state.step, epoch: epoch_f, split: "dev".into(), metrics: metrics.clone() });
+                state.log.push(LogEntry::Eval {
+                    step: state.step,
+                    epoch: epoch_f,
+                    split: "dev".into(),
+                    metrics: metrics.clone(),
+                });
                 if improved {
                     state.best_value = Some(value);
                     state.best_step = state.step;
@@ -388,9 +464,19 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     bar.finish_and_clear();
 
     // Test with the best checkpoint.
-    let dev_best = state.best_metrics.clone().context("training ended without any evaluation")?;
+    let dev_best = state
+        .best_metrics
+        .clone()
+        .context("training ended without any evaluation")?;
     restore_best(&best_dir, cfg.method, &params, &device)?;
-    let (test_metrics, test_probs) = evaluate(&model, &test.ids, &test.labels, pad, cfg.eval_batch_size, &device)?;
+    let (test_metrics, test_probs) = evaluate(
+        &model,
+        &test.ids,
+        &test.labels,
+        pad,
+        cfg.eval_batch_size,
+        &device,
+    )?;
     state.log.push(LogEntry::Eval {
         step: state.best_step,
         epoch: state.epoch as f64,
@@ -398,7 +484,13 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         metrics: test_metrics.clone(),
     });
     write_log(&run_dir, &state.log)?;
-    write_predictions(&run_dir.join("test_predictions.csv"), &test.records, &test_probs, num_labels, true)?;
+    write_predictions(
+        &run_dir.join("test_predictions.csv"),
+        &test.records,
+        &test_probs,
+        num_labels,
+        true,
+    )?;
     let mut dev_json = serde_json::to_value(&dev_best)?;
     dev_json["step"] = serde_json::json!(state.best_step);
     crate::fsutil::write_json_atomic(
@@ -422,12 +514,20 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         },
     )?;
     print_summary(&dev_best, &test_metrics, state.best_step, &run_dir);
-    Ok(RunSummary { dev_best, test: test_metrics, best_step: state.best_step, steps: state.step, run_dir })
+    Ok(RunSummary {
+        dev_best,
+        test: test_metrics,
+        best_step: state.best_step,
+        steps: state.step,
+        run_dir,
+    })
 }
 
 /// A per-step seed for dropout masks, so that a resumed run draws the same masks.
 fn mix_seed(seed: u64, step: usize, micro: usize) -> u64 {
-    let mut x = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (micro as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut x = seed
+        ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (micro as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x ^= x >> 31;
     x.wrapping_mul(0x94D0_49BB_1331_11EB)
 }
@@ -447,7 +547,9 @@ impl BestSaver<'_> {
             std::fs::remove_dir_all(&tmp)?;
         }
         match self.lora {
-            None => model::save_model_dir(&tmp, self.model_cfg, params, self.tokenizer, DType::F32)?,
+            None => {
+                model::save_model_dir(&tmp, self.model_cfg, params, self.tokenizer, DType::F32)?
+            }
             Some(lora) => adapter::save_adapter(&tmp, lora, params, &self.cfg.model)?,
         }
         state::replace_dir(&tmp, dir)
@@ -457,11 +559,16 @@ impl BestSaver<'_> {
 /// Puts the best checkpoint's trainable tensors back into the model.
 fn restore_best(dir: &Path, method: Method, params: &ParamStore, device: &Device) -> Result<()> {
     let tensors = match method {
-        Method::Full => model::checkpoint::normalize_prefix(model::checkpoint::load_weights(dir, device)?.0, "bert")?,
+        Method::Full => model::checkpoint::normalize_prefix(
+            model::checkpoint::load_weights(dir, device)?.0,
+            "bert",
+        )?,
         Method::Lora => adapter::load_adapter(dir, device)?.tensors,
     };
     for (name, var) in params.trainable() {
-        let t = tensors.get(name).with_context(|| format!("best checkpoint {} lacks `{name}`", dir.display()))?;
+        let t = tensors
+            .get(name)
+            .with_context(|| format!("best checkpoint {} lacks `{name}`", dir.display()))?;
         var.set(t)?;
     }
     Ok(())
@@ -486,16 +593,27 @@ pub fn write_predictions(
 ) -> Result<()> {
     crate::fsutil::write_atomic_with(path, |w| {
         use std::io::Write;
-        let mut header = String::from(if with_labels { "id,length,label,prediction" } else { "id,length,prediction" });
+        let mut header = String::from(if with_labels {
+            "id,length,label,prediction"
+        } else {
+            "id,length,prediction"
+        });
         for c in 0..num_labels {
             header.push_str(&format!(",prob_{c}"));
         }
         writeln!(w, "{header}")?;
         for (i, r) in records.iter().enumerate() {
             let row = &probs[i * num_labels..(i + 1) * num_labels];
-            let pred = row.iter().enumerate().fold(0, |best, (c, &p)| if p > row[best] { c } else { best });
+            let pred = row
+                .iter()
+                .enumerate()
+                .fold(0, |best, (c, &p)| if p > row[best] { c } else { best });
             let label = r.label.map_or(String::new(), |l| l.to_string());
-            let id = if r.id.contains(',') { format!("\"{}\"", r.id.replace('"', "\"\"")) } else { r.id.clone() };
+            let id = if r.id.contains(',') {
+                format!("\"{}\"", r.id.replace('"', "\"\""))
+            } else {
+                r.id.clone()
+            };
             if with_labels {
                 write!(w, "{id},{},{label},{pred}", r.seq.len())?;
             } else {
@@ -513,18 +631,33 @@ pub fn write_predictions(
 fn print_summary(dev: &Metrics, test: &Metrics, best_step: usize, run_dir: &Path) {
     println!("\nbest checkpoint: step {best_step}");
     println!("{:<10} {:>8} {:>8}", "metric", "dev", "test");
-    for name in ["mcc", "accuracy", "f1", "precision", "recall", "auroc", "auprc", "loss"] {
+    for name in [
+        "mcc",
+        "accuracy",
+        "f1",
+        "precision",
+        "recall",
+        "auroc",
+        "auprc",
+        "loss",
+    ] {
         let fmt = |m: &Metrics| m.get(name).map_or("-".to_string(), |v| format!("{v:.4}"));
         println!("{:<10} {:>8} {:>8}", name, fmt(dev), fmt(test));
     }
-    println!("\nwrote {}/{{metrics.json, log.jsonl, report.html, test_predictions.csv, best/}}", run_dir.display());
+    println!(
+        "\nwrote {}/{{metrics.json, log.jsonl, report.html, test_predictions.csv, best/}}",
+        run_dir.display()
+    );
 }
 
 /// Checks that a run directory exists before `--resume` reads it.
 pub fn resume_config(run_dir: &Path) -> Result<TrainConfig> {
     let path = run_dir.join("config.toml");
     if !path.exists() {
-        bail!("{} is not a dnatune run directory (no config.toml)", run_dir.display());
+        bail!(
+            "{} is not a dnatune run directory (no config.toml)",
+            run_dir.display()
+        );
     }
     TrainConfig::from_toml_file(&path)
 }

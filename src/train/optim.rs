@@ -52,7 +52,14 @@ impl AdamW {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { slots, beta1, beta2, eps, weight_decay, t: 0 })
+        Ok(AdamW {
+            slots,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            t: 0,
+        })
     }
 
     /// Applies one update with learning rate `lr` from gradients keyed by parameter name.
@@ -61,7 +68,9 @@ impl AdamW {
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         for slot in &mut self.slots {
-            let Some(g) = grads.get(&slot.name) else { continue };
+            let Some(g) = grads.get(&slot.name) else {
+                continue;
+            };
             slot.m = ((&slot.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             slot.v = ((&slot.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let mut p = slot.var.as_tensor().detach();
@@ -88,7 +97,10 @@ impl AdamW {
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, t: usize) -> Result<()> {
         for s in &mut self.slots {
             let get = |k: String| {
-                state.get(&k).cloned().with_context(|| format!("optimizer state lacks `{k}`"))
+                state
+                    .get(&k)
+                    .cloned()
+                    .with_context(|| format!("optimizer state lacks `{k}`"))
             };
             s.m = get(format!("m.{}", s.name))?.to_device(s.var.device())?;
             s.v = get(format!("v.{}", s.name))?.to_device(s.var.device())?;
@@ -116,7 +128,11 @@ pub fn learning_rate(kind: Scheduler, peak: f64, step: usize, warmup: usize, tot
 pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.values() {
-        total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = total.sqrt();
     if max_norm > 0.0 && norm > max_norm {
@@ -182,7 +198,10 @@ mod tests {
     #[test]
     fn clipping_bounds_global_norm() {
         let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &Device::Cpu).unwrap();
-        let mut g = HashMap::from([("a".to_string(), t(vec![3.0])), ("b".to_string(), t(vec![4.0]))]);
+        let mut g = HashMap::from([
+            ("a".to_string(), t(vec![3.0])),
+            ("b".to_string(), t(vec![4.0])),
+        ]);
         let before = clip_grad_norm(&mut g, 1.0).unwrap();
         assert!((before - 5.0).abs() < 1e-9);
         let a = g["a"].to_vec1::<f32>().unwrap()[0];

@@ -38,22 +38,30 @@ pub fn replace_dir(from: &Path, to: &Path) -> Result<()> {
     if to.exists() {
         std::fs::rename(to, &old)?;
     }
-    std::fs::rename(from, to).with_context(|| format!("cannot move {} into place", to.display()))?;
+    std::fs::rename(from, to)
+        .with_context(|| format!("cannot move {} into place", to.display()))?;
     if old.exists() {
         std::fs::remove_dir_all(&old)?;
     }
     Ok(())
 }
 
-pub fn save_checkpoint(run_dir: &Path, state: &RunState, params: &ParamStore, opt: &AdamW) -> Result<()> {
+pub fn save_checkpoint(
+    run_dir: &Path,
+    state: &RunState,
+    params: &ParamStore,
+    opt: &AdamW,
+) -> Result<()> {
     let dir = run_dir.join("checkpoint");
     let tmp = run_dir.join("checkpoint.partial");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    let trainable: HashMap<String, Tensor> =
-        params.trainable().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let trainable: HashMap<String, Tensor> = params
+        .trainable()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
     save_safetensors(&tmp.join("trainable.safetensors"), &trainable, DType::F32)?;
     save_safetensors(&tmp.join("optimizer.safetensors"), &opt.state(), DType::F32)?;
     let mut state_json = serde_json::to_value(state)?;
@@ -63,7 +71,11 @@ pub fn save_checkpoint(run_dir: &Path, state: &RunState, params: &ParamStore, op
 }
 
 /// Restores the newest complete checkpoint of `run_dir` into `params` and `opt`.
-pub fn load_checkpoint(run_dir: &Path, params: &ParamStore, opt: &mut AdamW) -> Result<Option<RunState>> {
+pub fn load_checkpoint(
+    run_dir: &Path,
+    params: &ParamStore,
+    opt: &mut AdamW,
+) -> Result<Option<RunState>> {
     let mut dir = run_dir.join("checkpoint");
     if !dir.join("state.json").exists() {
         // Interrupted between the two renames of `replace_dir`: the previous one is complete.
