@@ -1,0 +1,408 @@
+//! The encoders against independent references (a PyTorch DNABERT-2 module and Hugging Face's own
+//! BertForSequenceClassification, via committed fixtures), finite-difference gradient checks in
+//! f64, LoRA invariants, and checkpoint round trips.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use dnatune::model::config::{Architecture, ModelConfig};
+use dnatune::model::params::{ParamBuilder, Trainable};
+use dnatune::model::{self, LoadOptions, Pooling, SequenceClassifier};
+use dnatune::ops::{alibi_slopes, ForwardCtx, Initializer};
+use dnatune::peft::{Linear, LoraConfig};
+use dnatune::tokenize::SingleNucleotideTokenizer;
+use dnatune::train::optim::AdamW;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+struct Expected {
+    ids: Tensor,
+    mask: Tensor,
+    logits: Vec<Vec<f32>>,
+    json: serde_json::Value,
+}
+
+fn expected(dir: &Path) -> Expected {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let grid = |key: &str| -> Vec<Vec<u32>> { serde_json::from_value(json[key].clone()).unwrap() };
+    let to_tensor = |rows: Vec<Vec<u32>>| {
+        let (b, t) = (rows.len(), rows[0].len());
+        Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap()
+    };
+    Expected {
+        ids: to_tensor(grid("input_ids")),
+        mask: to_tensor(grid("attention_mask")),
+        logits: serde_json::from_value(json["logits"].clone()).unwrap(),
+        json,
+    }
+}
+
+fn load(dir: &Path, opts: &LoadOptions) -> model::LoadedModel {
+    model::load_classifier(dir, None, opts, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn logits(model: &SequenceClassifier, ids: &Tensor, mask: &Tensor) -> Vec<Vec<f32>> {
+    model
+        .forward(ids, mask, &ForwardCtx::eval())
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+/// Copies a fixture keeping only `config.json` and one weight file, so that format is the one read.
+fn with_only(dir: &Path, weights: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", weights] {
+        std::fs::copy(dir.join(f), tmp.path().join(f)).unwrap();
+    }
+    tmp
+}
+
+#[test]
+fn dnabert2_matches_pytorch_reference_from_safetensors_and_bin() {
+    let dir = fixture("tiny-dnabert2");
+    let exp = expected(&dir);
+    for weights in ["model.safetensors", "pytorch_model.bin"] {
+        let tmp = with_only(&dir, weights);
+        let loaded = load(tmp.path(), &LoadOptions::default());
+        assert_eq!(
+            loaded.config.architecture,
+            Architecture::Dnabert2,
+            "{}",
+            loaded.detection
+        );
+        assert!(
+            loaded.report.initialized.is_empty(),
+            "{:?}",
+            loaded.report.initialized
+        );
+        let got = logits(&loaded.model, &exp.ids, &exp.mask);
+        let diff = max_abs_diff(&got, &exp.logits);
+        assert!(
+            diff < 1e-5,
+            "{weights}: logits differ by {diff}: {got:?} vs {:?}",
+            exp.logits
+        );
+    }
+    let slopes: Vec<f64> = serde_json::from_value(exp.json["alibi_slopes"].clone()).unwrap();
+    for (a, b) in alibi_slopes(6).iter().zip(&slopes) {
+        assert!((a - b).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn classic_bert_matches_transformers() {
+    let dir = fixture("tiny-bert");
+    let exp = expected(&dir);
+    for weights in ["model.safetensors", "pytorch_model.bin"] {
+        let tmp = with_only(&dir, weights);
+        let loaded = load(tmp.path(), &LoadOptions::default());
+        assert_eq!(loaded.config.architecture, Architecture::Bert);
+        let got = logits(&loaded.model, &exp.ids, &exp.mask);
+        let diff = max_abs_diff(&got, &exp.logits);
+        assert!(diff < 1e-5, "{weights}: logits differ by {diff}");
+    }
+}
+
+#[test]
+fn padding_does_not_change_a_sequences_logits() {
+    let loaded = load(&fixture("tiny-dnabert2"), &LoadOptions::default());
+    let ids = Tensor::new(&[[1u32, 10, 20, 30, 2, 3, 3]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+    let short_ids = ids.narrow(1, 0, 5).unwrap();
+    let short_mask = mask.narrow(1, 0, 5).unwrap();
+    let padded = logits(&loaded.model, &ids, &mask);
+    let unpadded = logits(&loaded.model, &short_ids, &short_mask);
+    assert!(max_abs_diff(&padded, &unpadded) < 1e-5);
+}
+
+/// Central finite differences of `loss` w.r.t. a few entries of `var`, against autograd.
+fn check_gradient(var: &Var, loss: &dyn Fn() -> Tensor, entries: &[usize], what: &str) {
+    let grads = loss().backward().unwrap();
+    let analytic: Vec<f64> = grads
+        .get(var)
+        .unwrap_or_else(|| panic!("no gradient for {what}"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
+    let h = 1e-6;
+    for &i in entries {
+        let eval_at = |delta: f64| {
+            let mut v = base.clone();
+            v[i] += delta;
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss().to_scalar::<f64>().unwrap()
+        };
+        let numeric = (eval_at(h) - eval_at(-h)) / (2.0 * h);
+        var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        let err = (numeric - analytic[i]).abs() / numeric.abs().max(1e-3);
+        assert!(
+            err < 1e-5,
+            "{what}[{i}]: finite difference {numeric} vs autograd {}",
+            analytic[i]
+        );
+    }
+}
+
+#[test]
+fn lora_linear_gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    let lora = LoraConfig {
+        r: 3,
+        alpha: 6.0,
+        dropout: 0.0,
+        target_modules: vec!["proj".into()],
+    };
+    let mut b = ParamBuilder::fresh(1, &dev)
+        .with_dtype(DType::F64)
+        .with_lora(Some(lora));
+    let layer = Linear::build(&mut b, "proj", 5, 4, true, 0.5).unwrap();
+    let (params, _) = b.finish().unwrap();
+    // B starts at zero, which would make A's gradient vanish: give B values first.
+    let var = |n: &str| params.entries[n].var.clone().unwrap();
+    let b_var = var("proj.lora_B.weight");
+    let mut init = Initializer::new(9);
+    b_var
+        .set(
+            &Tensor::from_vec(init.normal(12, 0.5), (4, 3), &dev)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap(),
+        )
+        .unwrap();
+    let x = Var::from_tensor(
+        &Tensor::from_vec(init.normal(2 * 3 * 5, 1.0), (2, 3, 5), &dev)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap(),
+    )
+    .unwrap();
+    let w = Tensor::from_vec(init.normal(2 * 3 * 4, 1.0), (2, 3, 4), &dev)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let loss = || {
+        layer
+            .forward(&x, &ForwardCtx::eval())
+            .unwrap()
+            .tanh()
+            .unwrap()
+            .mul(&w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    check_gradient(&var("proj.lora_A.weight"), &loss, &[0, 4, 14], "lora_A");
+    check_gradient(&b_var, &loss, &[0, 5, 11], "lora_B");
+    check_gradient(&var("proj.weight"), &loss, &[0, 7, 19], "weight");
+    check_gradient(&var("proj.bias"), &loss, &[0, 3], "bias");
+    check_gradient(&x, &loss, &[0, 13, 29], "input");
+}
+
+fn tiny_config(arch: Architecture, layers: usize) -> ModelConfig {
+    let mut cfg = ModelConfig::new(arch, 16, layers, 12, 3, 20).unwrap();
+    cfg.max_position_embeddings = 16;
+    cfg
+}
+
+#[test]
+fn dnabert2_layer_gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    let cfg = tiny_config(Architecture::Dnabert2, 1);
+    let mut b = ParamBuilder::fresh(3, &dev).with_dtype(DType::F64);
+    let model = SequenceClassifier::build(&mut b, &cfg, 2, Pooling::Cls).unwrap();
+    let (params, _) = b.finish().unwrap();
+    let ids = Tensor::new(&[[1u32, 7, 9, 5, 2], [1, 12, 6, 2, 3]], &dev).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 1, 0]], &dev).unwrap();
+    let labels = Tensor::new(&[1u32, 0], &dev).unwrap();
+    let loss = || {
+        let logits = model.forward(&ids, &mask, &ForwardCtx::eval()).unwrap();
+        candle_nn::loss::cross_entropy(&logits, &labels).unwrap()
+    };
+    let var = |n: &str| params.entries[n].var.clone().unwrap();
+    let p = "bert.encoder.layer.0";
+    check_gradient(
+        &var(&format!("{p}.attention.self.Wqkv.weight")),
+        &loss,
+        &[0, 50, 200, 431],
+        "Wqkv",
+    );
+    check_gradient(
+        &var(&format!("{p}.attention.self.Wqkv.bias")),
+        &loss,
+        &[2, 30],
+        "Wqkv.bias",
+    );
+    check_gradient(
+        &var(&format!("{p}.mlp.gated_layers.weight")),
+        &loss,
+        &[3, 100, 479],
+        "gated_layers",
+    );
+    check_gradient(&var(&format!("{p}.mlp.wo.weight")), &loss, &[0, 131], "wo");
+    check_gradient(
+        &var(&format!("{p}.attention.output.LayerNorm.weight")),
+        &loss,
+        &[1, 11],
+        "LayerNorm",
+    );
+    check_gradient(
+        &var("bert.embeddings.word_embeddings.weight"),
+        &loss,
+        &[7 * 12 + 2, 12 * 12 + 5],
+        "embeddings",
+    );
+}
+
+#[test]
+fn lora_with_zero_b_gives_base_logits_and_only_adapters_and_head_train() {
+    let dir = fixture("tiny-dnabert2");
+    let exp = expected(&dir);
+    let base = load(&dir, &LoadOptions::default());
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: vec!["Wqkv".into(), "wo".into()],
+    };
+    let opts = LoadOptions {
+        trainable: Trainable::AdaptersAndHead,
+        lora: Some(lora),
+        ..LoadOptions::default()
+    };
+    let adapted = load(&dir, &opts);
+    assert_eq!(
+        logits(&adapted.model, &exp.ids, &exp.mask),
+        logits(&base.model, &exp.ids, &exp.mask)
+    );
+
+    let trainable: Vec<&String> = adapted.params.trainable().map(|(n, _)| n).collect();
+    assert!(trainable.iter().all(|n| n.contains(".lora_")
+        || n.starts_with("bert.pooler.")
+        || n.starts_with("classifier.")));
+    assert_eq!(
+        trainable.iter().filter(|n| n.contains(".lora_")).count(),
+        2 * 2 * 2
+    );
+
+    let before: HashMap<String, Vec<f32>> = adapted
+        .params
+        .entries
+        .iter()
+        .map(|(n, p)| {
+            (
+                n.clone(),
+                p.tensor.flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
+        .collect();
+    let mut opt = AdamW::new(adapted.params.trainable(), 0.9, 0.999, 1e-8, 0.0).unwrap();
+    let logits_t = adapted
+        .model
+        .forward(&exp.ids, &exp.mask, &ForwardCtx::train(1))
+        .unwrap();
+    let labels = Tensor::new(&[1u32, 0, 1], &Device::Cpu).unwrap();
+    let store = candle_nn::loss::cross_entropy(&logits_t, &labels)
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grads: HashMap<String, Tensor> = adapted
+        .params
+        .trainable()
+        .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
+        .collect();
+    opt.step(&grads, 1e-2).unwrap();
+    for (name, p) in &adapted.params.entries {
+        let now: Vec<f32> = p.tensor.flatten_all().unwrap().to_vec1().unwrap();
+        let changed = now != before[name];
+        let should = name.contains(".lora_B")
+            || name.starts_with("bert.pooler.")
+            || name.starts_with("classifier.");
+        // lora_A receives a zero gradient while B is still zero (dL/dA = B^T ...), so it stays put.
+        assert_eq!(changed, should, "{name} changed: {changed}");
+    }
+}
+
+#[test]
+fn saved_model_reloads_with_identical_logits_and_bad_shapes_are_named() {
+    let mut cfg = tiny_config(Architecture::Bert, 2);
+    cfg.vocab_size = 10;
+    cfg.num_labels = Some(3);
+    let params = model::init_params(&cfg, 3, 11).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    model::save_model_dir(
+        tmp.path(),
+        &cfg,
+        &params,
+        &SingleNucleotideTokenizer::new(),
+        DType::F32,
+    )
+    .unwrap();
+    let ids = Tensor::new(&[[2u32, 5, 6, 7, 3], [2, 8, 3, 0, 0]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+    let mut b = ParamBuilder::new(
+        params.tensors(|_| true),
+        Trainable::Nothing,
+        0,
+        Box::new(|_| false),
+        &Device::Cpu,
+    );
+    let in_memory = SequenceClassifier::build(&mut b, &cfg, 3, Pooling::Cls).unwrap();
+    let reloaded = load(tmp.path(), &LoadOptions::default());
+    assert_eq!(reloaded.model.num_labels, 3);
+    assert_eq!(
+        logits(&reloaded.model, &ids, &mask),
+        logits(&in_memory, &ids, &mask)
+    );
+
+    let mut tensors = params.tensors(|_| true);
+    tensors.insert(
+        "bert.encoder.layer.1.intermediate.dense.weight".into(),
+        Tensor::zeros((19, 12), DType::F32, &Device::Cpu).unwrap(),
+    );
+    dnatune::model::checkpoint::save_safetensors(
+        &tmp.path().join("model.safetensors"),
+        &tensors,
+        DType::F32,
+    )
+    .unwrap();
+    let err = model::load_classifier(tmp.path(), None, &LoadOptions::default(), &Device::Cpu)
+        .err()
+        .expect("mis-shaped tensor accepted");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("bert.encoder.layer.1.intermediate.dense.weight") && msg.contains("[19, 12]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn class_count_mismatch_with_checkpoint_head_is_an_error() {
+    let opts = LoadOptions {
+        num_labels: Some(5),
+        ..LoadOptions::default()
+    };
+    let err = model::load_classifier(&fixture("tiny-dnabert2"), None, &opts, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("classifier.weight"));
+}

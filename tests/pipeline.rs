@@ -1,0 +1,187 @@
+//! End-to-end runs on the shipped GUE tf/0 data: a small model learns, an interrupted run resumes
+//! to the metrics the uninterrupted run gives, and the outputs a user reads are written.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dnatune::train::config::{Method, TrainConfig};
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn dnatune(args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_dnatune"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dnatune {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn init_tiny(dir: &Path, hidden: &str) {
+    let tok = repo("assets/tokenizers/dna-bpe-4096/tokenizer.json");
+    dnatune(&[
+        "init-model",
+        "--arch",
+        "dnabert2",
+        "--layers",
+        "2",
+        "--hidden",
+        hidden,
+        "--heads",
+        "2",
+        "--intermediate",
+        "128",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+}
+
+fn metrics(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn small_model_learns_tf_binding_and_writes_its_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_tiny(&model, "64");
+    let run = tmp.path().join("run");
+    let cfg = TrainConfig {
+        model: model.clone(),
+        data: repo("data/gue-tf0"),
+        out: run.clone(),
+        method: Method::Full,
+        epochs: 2,
+        lr: Some(1e-3),
+        max_train_samples: Some(4000),
+        max_length: 64,
+        ..TrainConfig::default()
+    };
+    let summary = dnatune::train::run(&cfg, false).unwrap();
+    assert!(
+        summary.dev_best.mcc > 0.2,
+        "dev MCC {} is not well above 0",
+        summary.dev_best.mcc
+    );
+    let m = metrics(&run);
+    let test = &m["test"];
+    for key in [
+        "mcc",
+        "accuracy",
+        "f1",
+        "precision",
+        "recall",
+        "auroc",
+        "auprc",
+    ] {
+        let v = test[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("test.{key} missing"));
+        assert!((-1.0..=1.0).contains(&v), "{key} = {v}");
+    }
+    assert_eq!(test["confusion"].as_array().unwrap().len(), 2);
+    let preds = std::fs::read_to_string(run.join("test_predictions.csv")).unwrap();
+    assert!(preds.starts_with("id,length,label,prediction,prob_0,prob_1\n"));
+    assert_eq!(preds.lines().count(), 1001);
+    assert!(run.join("best/model.safetensors").exists() && run.join("best/config.json").exists());
+    assert!(run.join("report.html").exists() && run.join("config.toml").exists());
+    // The best checkpoint, evaluated on its own by `dnatune eval`, reproduces the test metrics.
+    let out = dnatune(&[
+        "eval",
+        "--model",
+        run.join("best").to_str().unwrap(),
+        "--data",
+        repo("data/gue-tf0/test.csv").to_str().unwrap(),
+        "--max-length",
+        "64",
+        "--json",
+    ]);
+    let evaluated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!((evaluated["mcc"].as_f64().unwrap() - test["mcc"].as_f64().unwrap()).abs() < 1e-9);
+}
+
+fn train_args<'a>(model: &'a str, run: &'a str) -> Vec<&'a str> {
+    let data = Box::leak(
+        repo("data/gue-tf0")
+            .to_string_lossy()
+            .into_owned()
+            .into_boxed_str(),
+    );
+    vec![
+        "--threads",
+        "1",
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        run,
+        "--method",
+        "lora",
+        "--epochs",
+        "2",
+        "--max-train-samples",
+        "1200",
+        "--batch-size",
+        "16",
+        "--eval-every",
+        "8",
+        "--max-length",
+        "48",
+        "--lr",
+        "1e-3",
+        "--patience",
+        "0",
+        "--seed",
+        "7",
+    ]
+}
+
+#[test]
+fn interrupted_lora_run_resumes_to_the_same_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_tiny(&model, "32");
+    let model_s = model.to_str().unwrap().to_string();
+
+    let full = tmp.path().join("full");
+    dnatune(&train_args(&model_s, full.to_str().unwrap()));
+
+    let cut = tmp.path().join("cut");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dnatune"))
+        .args(train_args(&model_s, cut.to_str().unwrap()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !cut.join("checkpoint/state.json").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !cut.join("metrics.json").exists(),
+        "the run finished before it could be interrupted"
+    );
+
+    dnatune(&["--threads", "1", "train", "--resume", cut.to_str().unwrap()]);
+    let (a, b) = (metrics(&full), metrics(&cut));
+    assert_eq!(a["test"], b["test"]);
+    assert_eq!(a["dev_best"], b["dev_best"]);
+    assert!(cut.join("best/adapter_config.json").exists());
+}
