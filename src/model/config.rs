@@ -99,7 +99,7 @@ impl ModelConfig {
                 bail!("{name} must be positive");
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size,
