@@ -9,8 +9,8 @@ use rand::SeedableRng;
 
 use super::read::read_records;
 use super::{
-    chrom_from_id, validate_sequence, DataError, ReadOptions, Record, SplitConfig, SplitSource,
-    SplitStrategy, Splits,
+    chrom_from_id, validate_sequence, DataError, Dataset, ReadOptions, Record, SplitConfig,
+    SplitSource, SplitStrategy, Splits,
 };
 
 const TRAIN: u8 = 0;
@@ -225,31 +225,37 @@ fn find_split_file(dir: &Path, stems: &[&str]) -> Result<PathBuf, DataError> {
 /// Loads train/dev/test: from a GUE-style directory (`train.csv`, `dev.csv`, `test.csv`; `.tsv`
 /// also accepted, `valid`/`validation` for dev) as given, or from one file split by `cfg`.
 ///
-/// Records dropped by `opts.skip_invalid` are not counted here; use [`read_records`] for counts.
+/// The last value returned counts the records dropped by `opts.skip_invalid` across all files.
 pub fn load_splits(
     data: &Path,
     opts: &ReadOptions,
     cfg: &SplitConfig,
-) -> Result<(Splits, SplitSource), DataError> {
+) -> Result<(Splits, SplitSource, usize), DataError> {
     if data.is_dir() {
         let train = find_split_file(data, &["train"])?;
         let dev = find_split_file(data, &["dev", "valid", "validation"])?;
         let test = find_split_file(data, &["test"])?;
+        let (train, dev, test) = (
+            read_records(&train, opts)?,
+            read_records(&dev, opts)?,
+            read_records(&test, opts)?,
+        );
+        let skipped = train.skipped + dev.skipped + test.skipped;
         let splits = Splits {
-            train: read_records(&train, opts)?.records,
-            dev: read_records(&dev, opts)?.records,
-            test: read_records(&test, opts)?.records,
+            train: train.records,
+            dev: dev.records,
+            test: test.records,
         };
-        return Ok((splits, SplitSource::GueDirectory));
+        return Ok((splits, SplitSource::GueDirectory, skipped));
     }
-    let records = read_records(data, opts)?.records;
+    let Dataset { records, skipped } = read_records(data, opts)?;
     let splits = split_records(records, cfg).map_err(|mut e| {
         if e.path.as_os_str().is_empty() {
             e.path = data.to_path_buf();
         }
         e
     })?;
-    Ok((splits, SplitSource::SplitFromFile))
+    Ok((splits, SplitSource::SplitFromFile, skipped))
 }
 
 /// Records the split a run used (`id,sequence,label,split`), so it can be audited or reused with
@@ -505,7 +511,7 @@ mod tests {
     fn gue_directory_and_single_file() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/gue-tf0");
         let opts = ReadOptions::default();
-        let (s, src) = load_splits(&root, &opts, &SplitConfig::default()).unwrap();
+        let (s, src, _) = load_splits(&root, &opts, &SplitConfig::default()).unwrap();
         assert_eq!(src, SplitSource::GueDirectory);
         assert_eq!((s.dev.len(), s.test.len()), (1000, 1000));
         assert_eq!(s.train.len(), 32378);
@@ -520,10 +526,11 @@ mod tests {
         let e = load_splits(dir.path(), &opts, &SplitConfig::default()).unwrap_err();
         assert!(e.to_string().contains("test.csv"), "{e}");
         std::fs::write(dir.path().join("test.csv"), "sequence,label\nGG,1\n").unwrap();
-        let (s, _) = load_splits(dir.path(), &opts, &SplitConfig::default()).unwrap();
+        let (s, _, _) = load_splits(dir.path(), &opts, &SplitConfig::default()).unwrap();
         assert_eq!(s.dev[0].seq, "AC");
 
-        let (s, src) = load_splits(&root.join("dev.csv"), &opts, &SplitConfig::default()).unwrap();
+        let (s, src, _) =
+            load_splits(&root.join("dev.csv"), &opts, &SplitConfig::default()).unwrap();
         assert_eq!(src, SplitSource::SplitFromFile);
         assert_eq!((s.train.len(), s.dev.len(), s.test.len()), (800, 100, 100));
     }

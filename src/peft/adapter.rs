@@ -137,3 +137,107 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
         base_model,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::{Architecture, ModelConfig};
+    use crate::model::params::{ParamBuilder, Trainable};
+    use crate::model::{Pooling, SequenceClassifier};
+
+    fn adapted_params(r: usize) -> ParamStore {
+        let cfg = ModelConfig::new(Architecture::Dnabert2, 16, 2, 8, 2, 12).unwrap();
+        let lora = LoraConfig {
+            r,
+            alpha: 16.0,
+            dropout: 0.1,
+            target_modules: vec!["Wqkv".into()],
+        };
+        let mut b = ParamBuilder::new(
+            HashMap::new(),
+            Trainable::AdaptersAndHead,
+            5,
+            Box::new(|_| true),
+            &Device::Cpu,
+        )
+        .with_lora(Some(lora));
+        SequenceClassifier::build(&mut b, &cfg, 2, Pooling::Cls).unwrap();
+        b.finish().unwrap().0
+    }
+
+    #[test]
+    fn peft_layout_round_trips_exactly() {
+        let params = adapted_params(4);
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 16.0,
+            dropout: 0.1,
+            target_modules: vec!["Wqkv".into()],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        save_adapter(dir.path(), &lora, &params, Path::new("/models/base")).unwrap();
+        let raw = candle_core::safetensors::load(
+            dir.path().join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut keys: Vec<&String> = raw.keys().collect();
+        keys.sort();
+        let expected = [
+            "base_model.model.bert.encoder.layer.0.attention.self.Wqkv.lora_A.weight",
+            "base_model.model.bert.encoder.layer.0.attention.self.Wqkv.lora_B.weight",
+            "base_model.model.bert.encoder.layer.1.attention.self.Wqkv.lora_A.weight",
+            "base_model.model.bert.encoder.layer.1.attention.self.Wqkv.lora_B.weight",
+            "base_model.model.bert.pooler.dense.bias",
+            "base_model.model.bert.pooler.dense.weight",
+            "base_model.model.classifier.bias",
+            "base_model.model.classifier.weight",
+        ];
+        assert_eq!(keys, expected);
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["peft_type"], "LORA");
+        assert_eq!(cfg["task_type"], "SEQ_CLS");
+        assert_eq!(cfg["r"], 4);
+        assert_eq!(cfg["bias"], "none");
+        let back = load_adapter(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(back.config, lora);
+        for (name, var) in params.trainable() {
+            let a: Vec<f32> = var.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = back.tensors[name].flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, b, "{name}");
+        }
+    }
+
+    #[test]
+    fn bad_adapter_directories_are_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_adapter(dir.path(), &Device::Cpu).err().unwrap();
+        assert!(format!("{err:#}").contains("adapter_config.json"));
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: vec!["Wqkv".into()],
+        };
+        save_adapter(dir.path(), &lora, &adapted_params(4), Path::new("base")).unwrap();
+        let cfg_path = dir.path().join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .unwrap()
+            .replace("\"r\": 4", "\"r\": 8");
+        std::fs::write(&cfg_path, text).unwrap();
+        let err = format!(
+            "{:#}",
+            load_adapter(dir.path(), &Device::Cpu).err().unwrap()
+        );
+        assert!(err.contains("lora_A") && err.contains("r = 8"), "{err}");
+        std::fs::remove_file(dir.path().join("adapter_model.safetensors")).unwrap();
+        let err = format!(
+            "{:#}",
+            load_adapter(dir.path(), &Device::Cpu).err().unwrap()
+        );
+        assert!(err.contains("adapter_model.safetensors"), "{err}");
+    }
+}

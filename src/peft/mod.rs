@@ -5,6 +5,8 @@
 //! Kaiming-uniform and B (out x r) zero so training starts from the base model exactly. Parameter
 //! names follow PEFT (`<module>.lora_A.weight`, `<module>.lora_B.weight`).
 
+pub mod adapter;
+
 use anyhow::Result;
 use candle_core::{Tensor, D};
 
@@ -125,5 +127,3 @@ impl Linear {
         y.reshape(out_dims)
     }
 }
-
-pub mod adapter;

@@ -172,7 +172,13 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         dev_chroms: cfg.split.dev_chroms.clone(),
         test_chroms: cfg.split.test_chroms.clone(),
     };
-    let (mut splits, source) = data::load_splits(&cfg.data, &read_opts, &split_cfg)?;
+    let (mut splits, source, skipped) = data::load_splits(&cfg.data, &read_opts, &split_cfg)?;
+    if skipped > 0 {
+        println!(
+            "skipped {skipped} sequences with letters other than ACGTN in {} (--skip-invalid)",
+            cfg.data.display()
+        );
+    }
     if matches!(source, data::SplitSource::SplitFromFile) {
         data::write_split_csv(&run_dir.join("split.csv"), &splits)?;
         println!(
