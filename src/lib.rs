@@ -12,5 +12,6 @@ pub mod fsutil;
 pub mod model;
 pub mod ops;
 pub mod peft;
+pub mod pretrain;
 pub mod tokenize;
 pub mod train;

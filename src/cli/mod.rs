@@ -43,6 +43,66 @@ enum Command {
     Eval(EvalArgs),
     /// Measure training throughput.
     Bench(BenchArgs),
+    /// Pre-train a model with masked language modelling on a DNA corpus.
+    Pretrain(Box<PretrainArgs>),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a BPE vocabulary on DNA sequences (DNABERT-2 special tokens and ids).
+    Train {
+        /// FASTA or one-sequence-per-line text, optionally gzipped.
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value_t = 4096)]
+        vocab_size: usize,
+        /// Directory for tokenizer.json.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    /// TOML configuration; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue the pre-training run in this directory.
+    #[arg(long, conflicts_with = "config")]
+    resume: Option<PathBuf>,
+    /// Model directory to start from (e.g. made by `init-model`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Stop after this many minutes with a resumable checkpoint.
+    #[arg(long)]
+    time_limit_minutes: Option<f64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    #[arg(long)]
+    mask_prob: Option<f64>,
+    #[arg(long)]
+    valid_fraction: Option<f64>,
+    #[arg(long)]
+    eval_every: Option<usize>,
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 #[derive(Args)]
@@ -256,6 +316,12 @@ pub fn main() -> i32 {
         Command::Predict(a) => predict(a),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(a) => bench_cmd(a),
+        Command::Pretrain(a) => pretrain_cmd(*a),
+        Command::Tokenizer(TokenizerCommand::Train {
+            input,
+            vocab_size,
+            out,
+        }) => tokenizer_train(&input, vocab_size, &out),
     };
     match result {
         Ok(()) => 0,
@@ -608,5 +674,70 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             r.train_tokens_per_s, r.params_trainable, r.params_total
         );
     }
+    Ok(())
+}
+
+fn pretrain_cmd(a: PretrainArgs) -> Result<()> {
+    use crate::pretrain::{self, PretrainConfig};
+    if let Some(dir) = &a.resume {
+        let path = dir.join("pretrain.toml");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{} is not a pre-training run directory", dir.display()))?;
+        let mut cfg: PretrainConfig =
+            toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+        cfg.out = dir.clone();
+        if let Some(m) = a.time_limit_minutes {
+            cfg.time_limit_minutes = m;
+        }
+        pretrain::run(&cfg, true)?;
+        return Ok(());
+    }
+    let mut cfg = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?
+        }
+        None => PretrainConfig::default(),
+    };
+    macro_rules! set {
+        ($($field:ident),*) => { $( if let Some(v) = a.$field.clone() { cfg.$field = v; } )* };
+    }
+    set!(
+        model,
+        corpus,
+        out,
+        max_steps,
+        time_limit_minutes,
+        batch_size,
+        seq_len,
+        lr,
+        warmup_ratio
+    );
+    set!(
+        mask_prob,
+        valid_fraction,
+        eval_every,
+        checkpoint_every,
+        seed
+    );
+    if cfg.model.as_os_str().is_empty() || cfg.corpus.as_os_str().is_empty() {
+        bail!("pretrain needs --model DIR and --corpus FILE");
+    }
+    pretrain::run(&cfg, false)?;
+    Ok(())
+}
+
+fn tokenizer_train(input: &Path, vocab_size: usize, out: &Path) -> Result<()> {
+    let stretches = crate::pretrain::corpus::read_corpus(input)?;
+    let bases: usize = stretches.iter().map(String::len).sum();
+    let tokenizer = tokenize::train_bpe(stretches.into_iter(), vocab_size)?;
+    tokenizer.save(out)?;
+    println!(
+        "trained {} on {bases} bases of {}; wrote {}",
+        tokenizer.describe(),
+        input.display(),
+        out.join("tokenizer.json").display()
+    );
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dnabert2;
 pub mod layers;
+pub mod mlm;
 pub mod params;
 
 use std::collections::HashMap;
@@ -61,6 +62,14 @@ impl Encoder {
         match self {
             Encoder::Dnabert2(e) => e.forward(ids, mask, ctx),
             Encoder::Bert(e) => e.forward(ids, mask, ctx),
+        }
+    }
+
+    /// The token embedding table (vocab, hidden), which the masked-LM decoder shares.
+    pub fn word_embeddings(&self) -> &Tensor {
+        match self {
+            Encoder::Dnabert2(e) => e.word_embeddings(),
+            Encoder::Bert(e) => e.word_embeddings(),
         }
     }
 }

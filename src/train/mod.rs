@@ -27,6 +27,7 @@ use crate::peft::{adapter, LoraConfig};
 use crate::tokenize::{load_tokenizer, Tokenizer};
 use config::{Method, SplitKind, TrainConfig};
 use optim::{clip_grad_norm, learning_rate, AdamW};
+pub(crate) use state::replace_dir;
 use state::RunState;
 
 /// Token ids of every record, truncated to `max_len`.
