@@ -195,8 +195,11 @@ struct TrainArgs {
     weight_decay: Option<f64>,
     #[arg(long)]
     max_grad_norm: Option<f64>,
-    #[arg(long)]
+    #[arg(long, conflicts_with = "seeds")]
     seed: Option<u64>,
+    /// Run once per seed (comma-separated; each in OUT/seed-N) and report mean +- sd.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
     #[arg(long)]
     max_length: Option<usize>,
     #[arg(long)]
@@ -544,7 +547,14 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     }
     cfg.reverse_complement |= a.reverse_complement;
     cfg.skip_invalid |= a.skip_invalid;
-    train::run(&cfg, false)?;
+    match &a.seeds {
+        Some(seeds) => {
+            train::run_seeds(&cfg, seeds)?;
+        }
+        None => {
+            train::run(&cfg, false)?;
+        }
+    }
     Ok(())
 }
 

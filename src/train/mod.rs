@@ -668,3 +668,76 @@ pub fn resume_config(run_dir: &Path) -> Result<TrainConfig> {
     }
     TrainConfig::from_toml_file(&path)
 }
+
+/// Mean and sample standard deviation of a metric over seeds.
+#[derive(Debug, serde::Serialize)]
+pub struct SeedStat {
+    pub metric: String,
+    pub mean: f64,
+    pub sd: f64,
+    pub values: Vec<f64>,
+}
+
+/// Runs the same configuration once per seed (each in `out/seed-N`) and summarises the test
+/// metrics as mean +- sd, since single-seed GUE numbers are known to be unstable.
+pub fn run_seeds(cfg: &TrainConfig, seeds: &[u64]) -> Result<Vec<SeedStat>> {
+    if seeds.is_empty() {
+        bail!("--seeds needs at least one seed");
+    }
+    let mut tests = Vec::new();
+    for &seed in seeds {
+        println!("\n=== seed {seed} ===");
+        let run_cfg = TrainConfig {
+            seed,
+            out: cfg.out.join(format!("seed-{seed}")),
+            ..cfg.clone()
+        };
+        tests.push(run(&run_cfg, false)?.test);
+    }
+    let stats: Vec<SeedStat> = ["mcc", "accuracy", "f1", "auroc", "auprc"]
+        .iter()
+        .filter_map(|&name| {
+            let values: Vec<f64> = tests.iter().filter_map(|m| m.get(name)).collect();
+            (values.len() == tests.len()).then(|| {
+                let (mean, sd) = mean_sd(&values);
+                SeedStat {
+                    metric: name.to_string(),
+                    mean,
+                    sd,
+                    values,
+                }
+            })
+        })
+        .collect();
+    println!("\ntest metrics over seeds {seeds:?} (mean +- sd)");
+    for s in &stats {
+        println!("{:<10} {:.4} +- {:.4}", s.metric, s.mean, s.sd);
+    }
+    crate::fsutil::write_json_atomic(
+        &cfg.out.join("seeds_summary.json"),
+        &serde_json::json!({ "seeds": seeds, "test": stats }),
+    )?;
+    Ok(stats)
+}
+
+/// Mean and sample (n - 1) standard deviation; sd is 0 for a single value.
+pub fn mean_sd(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mean_sd_uses_sample_deviation() {
+        let (m, s) = super::mean_sd(&[0.5, 0.7, 0.6]);
+        assert!((m - 0.6).abs() < 1e-12);
+        assert!((s - 0.1).abs() < 1e-12);
+        assert_eq!(super::mean_sd(&[0.3]), (0.3, 0.0));
+    }
+}
