@@ -560,6 +560,12 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
 
 /// A model (plus optional adapter) ready for inference, and its tokenizer.
 fn load_for_inference(a: &ModelArgs) -> Result<(model::LoadedModel, Box<dyn Tokenizer>)> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if a.max_length < 3 {
+        bail!("--max-length must be at least 3 ([CLS], one token, [SEP])");
+    }
     let device = candle_core::Device::Cpu;
     let (tensors, lora) = match &a.adapter {
         Some(dir) => {
@@ -602,9 +608,9 @@ fn report_skipped(ds: &data::Dataset, path: &Path) {
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
+    let (loaded, tokenizer) = load_for_inference(&a.model)?;
     let ds = data::read_records(&a.input, &read_opts(&a.model, LabelPolicy::Optional))?;
     report_skipped(&ds, &a.input);
-    let (loaded, tokenizer) = load_for_inference(&a.model)?;
     let ids = train::encode_all(&ds.records, tokenizer.as_ref(), a.model.max_length);
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
     let probs = train::predict_probs(
@@ -626,23 +632,23 @@ fn predict(a: PredictArgs) -> Result<()> {
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
+    let (loaded, tokenizer) = load_for_inference(&a.model)?;
     let ds = data::read_records(&a.data, &read_opts(&a.model, LabelPolicy::Required))?;
     report_skipped(&ds, &a.data);
-    let (loaded, tokenizer) = load_for_inference(&a.model)?;
     let ids = train::encode_all(&ds.records, tokenizer.as_ref(), a.model.max_length);
     let labels: Vec<usize> = ds
         .records
         .iter()
         .map(|r| r.label.context("record without a label"))
         .collect::<Result<_>>()?;
-    if let Some(&max) = labels.iter().max() {
-        if max >= loaded.model.num_labels {
-            bail!(
-                "{}: label {max} but the model has {} classes",
-                a.data.display(),
-                loaded.model.num_labels
-            );
-        }
+    let classes = loaded.model.num_labels;
+    if let Some((r, l)) = ds.records.iter().zip(&labels).find(|(_, &l)| l >= classes) {
+        bail!(
+            "{}: record `{}` has label {l} but the model has {classes} classes (0..={})",
+            a.data.display(),
+            r.id,
+            classes - 1
+        );
     }
     let (metrics, _) = train::evaluate(
         &loaded.model,
@@ -667,6 +673,9 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
 }
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {
+    if a.batch_size == 0 || a.seq_len < 3 || a.steps == 0 {
+        bail!("bench needs --batch-size >= 1, --seq-len >= 3 and --steps >= 1");
+    }
     let r = bench::bench(
         &a.model,
         a.method,

@@ -174,6 +174,8 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         test_chroms: cfg.split.test_chroms.clone(),
     };
     let (mut splits, source, skipped) = data::load_splits(&cfg.data, &read_opts, &split_cfg)?;
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
     if skipped > 0 {
         println!(
             "skipped {skipped} sequences with letters other than ACGTN in {} (--skip-invalid)",

@@ -1,0 +1,492 @@
+//! End-to-end tests of the `dnatune` binary: bad input must end with exit status 1 and a message
+//! naming the file and the problem (never a panic), and the happy paths must write the documented
+//! files. Every test builds its own tiny model in a temporary directory, so they run in parallel.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tempfile::TempDir;
+
+/// Path of a file shipped in the repository.
+fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// Runs the binary with one compute thread, so parallel tests do not oversubscribe the cores.
+fn dnatune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dnatune"))
+        .arg("--threads")
+        .arg("1")
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("failed to start the dnatune binary")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().expect("temporary paths are UTF-8")
+}
+
+/// Asserts the command succeeded, showing its stderr if not.
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "expected success, got {:?}; stderr:\n{}",
+        out.status,
+        stderr(out)
+    );
+}
+
+/// Asserts a clean failure: exit status 1 (not a panic's 101), no panic text, and every needle
+/// present in stderr.
+fn assert_fails_with(out: &Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit status 1; stderr:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "the binary panicked:\n{err}");
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "stderr should contain {needle:?}:\n{err}"
+        );
+    }
+}
+
+/// A one-layer DNABERT-2-shaped model with the bundled BPE tokenizer, written under `dir`.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let out = dir.join("model");
+    let tokenizer = repo_file("assets/tokenizers/dna-bpe-4096/tokenizer.json");
+    assert_ok(&dnatune(&[
+        "init-model",
+        "--arch",
+        "dnabert2",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--intermediate",
+        "64",
+        "--tokenizer",
+        s(&tokenizer),
+        "--out",
+        s(&out),
+    ]));
+    out
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, text).unwrap();
+    path
+}
+
+/// A GUE-style data directory holding the first `n` records of the bundled train/dev/test files.
+fn small_gue(dir: &Path, n: usize, splits: &[&str]) -> PathBuf {
+    let out = dir.join("gue");
+    fs::create_dir_all(&out).unwrap();
+    for split in splits {
+        let text = fs::read_to_string(repo_file(&format!("data/gue-tf0/{split}.csv"))).unwrap();
+        let head: Vec<&str> = text.lines().take(n + 1).collect();
+        fs::write(out.join(format!("{split}.csv")), head.join("\n") + "\n").unwrap();
+    }
+    out
+}
+
+const WITH_X: &str = "sequence,label\nACGTACGTAC,1\nACGXACGT,0\nGGGCCCAAAT,0\n";
+
+#[test]
+fn predict_names_file_line_and_column_of_an_invalid_letter() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let input = write(tmp.path(), "x.csv", WITH_X);
+    let preds = tmp.path().join("preds.csv");
+    let out = dnatune(&[
+        "predict",
+        "--model",
+        s(&model),
+        "--input",
+        s(&input),
+        "--out",
+        s(&preds),
+    ]);
+    // Line 3 of the file, fourth letter of the sequence.
+    let at = format!("{}:3:4", input.display());
+    assert_fails_with(&out, &[&at, "'X'"]);
+    assert!(!preds.exists(), "no predictions may be written on failure");
+}
+
+#[test]
+fn eval_names_file_line_and_column_of_an_invalid_letter_in_fasta() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    // The X sits on the second sequence line of record `a`: file line 3, column 3.
+    let input = write(
+        tmp.path(),
+        "x.fa",
+        ">a label=1\nACGT\nACXT\n>b label=0\nGGCC\n",
+    );
+    let out = dnatune(&["eval", "--model", s(&model), "--data", s(&input)]);
+    let at = format!("{}:3:3", input.display());
+    assert_fails_with(&out, &[&at, "'X'"]);
+}
+
+#[test]
+fn eval_rejects_a_csv_without_the_label_column() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let input = write(tmp.path(), "nolabel.csv", "sequence\nACGTACGTAC\nACGT\n");
+    let out = dnatune(&["eval", "--model", s(&model), "--data", s(&input)]);
+    assert_fails_with(&out, &[s(&input), "'label'", "column"]);
+}
+
+#[test]
+fn eval_rejects_an_empty_file() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let input = write(tmp.path(), "empty.csv", "");
+    let out = dnatune(&["eval", "--model", s(&model), "--data", s(&input)]);
+    assert_fails_with(&out, &[s(&input), "empty"]);
+}
+
+#[test]
+fn eval_rejects_a_non_numeric_label() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let input = write(
+        tmp.path(),
+        "nonnum.csv",
+        "sequence,label\nACGTACGTAC,1\nACGT,abc\n",
+    );
+    let out = dnatune(&["eval", "--model", s(&model), "--data", s(&input)]);
+    let at = format!("{}:3", input.display());
+    assert_fails_with(&out, &[&at, "'abc'", "label"]);
+}
+
+#[test]
+fn eval_rejects_a_fasta_header_without_sequence() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let input = write(
+        tmp.path(),
+        "nohead.fa",
+        ">s1 label=1\nACGTACGT\n>s2 label=0\n>s3 label=1\nACGT\n",
+    );
+    let out = dnatune(&["eval", "--model", s(&model), "--data", s(&input)]);
+    let at = format!("{}:3", input.display());
+    assert_fails_with(&out, &[&at, "s2", "no sequence"]);
+}
+
+#[test]
+fn skip_invalid_drops_bad_sequences_and_reports_the_count() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let input = write(tmp.path(), "x.csv", WITH_X);
+    let preds = tmp.path().join("preds.csv");
+    let out = dnatune(&[
+        "predict",
+        "--model",
+        s(&model),
+        "--input",
+        s(&input),
+        "--out",
+        s(&preds),
+        "--skip-invalid",
+    ]);
+    assert_ok(&out);
+    assert!(stderr(&out).contains("skipped 1 "), "{}", stderr(&out));
+    let rows = fs::read_to_string(&preds).unwrap().lines().count() - 1;
+    assert_eq!(rows, 2, "the two valid sequences are predicted");
+
+    let out = dnatune(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&input),
+        "--skip-invalid",
+        "--json",
+    ]);
+    assert_ok(&out);
+    assert!(stderr(&out).contains("skipped 1 "), "{}", stderr(&out));
+    let metrics: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(metrics["n"], 2, "{metrics}");
+}
+
+/// Rewrites `model.safetensors` in `dir` with `name` stored as `[rows, cols / 2]` (truncated data).
+fn halve_last_dim(dir: &Path, name: &str) {
+    use safetensors::tensor::{serialize, SafeTensors, TensorView};
+    let path = dir.join("model.safetensors");
+    let bytes = fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut found = false;
+    let tensors: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, view)| {
+            if n != name {
+                return (n, view);
+            }
+            found = true;
+            let shape = view.shape().to_vec();
+            assert_eq!(shape.len(), 2, "{name} should be a matrix");
+            let new_shape = vec![shape[0], shape[1] / 2];
+            let keep = new_shape.iter().product::<usize>() * view.dtype().bitsize() / 8;
+            let data = &view.data()[..keep];
+            (n, TensorView::new(view.dtype(), new_shape, data).unwrap())
+        })
+        .collect();
+    assert!(found, "{name} not in the tiny model");
+    let out = serialize(tensors, None).unwrap();
+    fs::write(&path, out).unwrap();
+}
+
+#[test]
+fn predict_names_a_mis_shaped_tensor() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let name = "bert.encoder.layer.0.attention.output.dense.weight";
+    halve_last_dim(&model, name);
+    let input = write(tmp.path(), "in.csv", "sequence\nACGTACGTAC\n");
+    let preds = tmp.path().join("preds.csv");
+    let out = dnatune(&[
+        "predict",
+        "--model",
+        s(&model),
+        "--input",
+        s(&input),
+        "--out",
+        s(&preds),
+    ]);
+    assert_fails_with(&out, &[name, "[32, 16]", "[32, 32]"]);
+}
+
+#[test]
+fn train_names_a_missing_dev_file() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = small_gue(tmp.path(), 8, &["train", "test"]);
+    let run = tmp.path().join("run");
+    let out = dnatune(&[
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--max-steps",
+        "1",
+    ]);
+    assert_fails_with(&out, &["dev.csv", s(&data)]);
+}
+
+#[test]
+fn train_rejects_an_unknown_metric() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = small_gue(tmp.path(), 8, &["train", "dev", "test"]);
+    let run = tmp.path().join("run");
+    let out = dnatune(&[
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--max-steps",
+        "1",
+        "--metric",
+        "bogus",
+    ]);
+    assert_fails_with(&out, &["metric", "bogus", "mcc"]);
+}
+
+/// Parses preds.csv (no quoted fields in these tests) into a header and rows.
+fn read_preds(path: &Path) -> (String, Vec<Vec<String>>) {
+    let text = fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().expect("preds.csv has a header").to_string();
+    let rows = lines
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect();
+    (header, rows)
+}
+
+#[test]
+fn predict_writes_one_row_per_input_with_normalised_probabilities() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let seqs = ["ACGTAC", "GGGGTTTTAAAACC", "ACGTNNACGT", "TTGACA"];
+    let mut csv = String::from("id,sequence\n");
+    for (i, q) in seqs.iter().enumerate() {
+        csv.push_str(&format!("r{i},{q}\n"));
+    }
+    let fasta = ">first some description\nACGTACGTAA\nCCGG\n>second\nTTTT\n";
+    let cases = [
+        (
+            write(tmp.path(), "in.csv", &csv),
+            (0..seqs.len())
+                .map(|i| (format!("r{i}"), seqs[i].len()))
+                .collect::<Vec<_>>(),
+        ),
+        (
+            write(tmp.path(), "in.fa", fasta),
+            vec![("first".to_string(), 14), ("second".to_string(), 4)],
+        ),
+    ];
+    for (input, expected) in cases {
+        let preds = tmp.path().join("preds.csv");
+        let out = dnatune(&[
+            "predict",
+            "--model",
+            s(&model),
+            "--input",
+            s(&input),
+            "--out",
+            s(&preds),
+        ]);
+        assert_ok(&out);
+        let (header, rows) = read_preds(&preds);
+        assert_eq!(header, "id,length,prediction,prob_0,prob_1");
+        assert_eq!(rows.len(), expected.len(), "one row per input record");
+        for (row, (id, len)) in rows.iter().zip(&expected) {
+            assert_eq!(row.len(), 5, "{row:?}");
+            assert_eq!(&row[0], id, "rows keep the input order");
+            assert_eq!(row[1].parse::<usize>().unwrap(), *len);
+            let p: Vec<f64> = row[3..].iter().map(|v| v.parse().unwrap()).collect();
+            assert!(p.iter().all(|v| (0.0..=1.0).contains(v)), "{row:?}");
+            assert!(
+                (p[0] + p[1] - 1.0).abs() < 1e-4,
+                "probabilities sum to 1: {row:?}"
+            );
+            let argmax = if p[1] > p[0] { 1 } else { 0 };
+            assert_eq!(row[2].parse::<usize>().unwrap(), argmax, "{row:?}");
+        }
+    }
+}
+
+#[test]
+fn init_model_bert_kmer_writes_vocab_and_bert_config() {
+    let tmp = TempDir::new().unwrap();
+    let out = tmp.path().join("k3");
+    assert_ok(&dnatune(&[
+        "init-model",
+        "--arch",
+        "bert",
+        "--kmer",
+        "3",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--intermediate",
+        "64",
+        "--out",
+        s(&out),
+    ]));
+    let vocab = fs::read_to_string(out.join("vocab.txt")).unwrap();
+    let tokens: Vec<&str> = vocab.lines().collect();
+    // 4^3 k-mers plus [PAD], [UNK], [CLS], [SEP], [MASK].
+    assert_eq!(tokens.len(), 69);
+    for special in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] {
+        assert!(tokens.contains(&special), "vocab.txt lacks {special}");
+    }
+    let kmers: std::collections::BTreeSet<&str> = tokens
+        .iter()
+        .copied()
+        .filter(|t| t.len() == 3 && t.bytes().all(|b| b"ACGT".contains(&b)))
+        .collect();
+    assert_eq!(kmers.len(), 64, "every 3-mer appears once");
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "bert");
+    assert_eq!(config["vocab_size"], 69);
+}
+
+#[test]
+fn init_model_dnabert2_writes_alibi_config_without_model_type() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert!(config.get("model_type").is_none(), "{config}");
+    assert!(config.get("alibi_starting_size").is_some(), "{config}");
+    assert_eq!(config["num_hidden_layers"], 1);
+    assert_eq!(config["hidden_size"], 32);
+    assert!(model.join("tokenizer.json").is_file());
+    assert!(model.join("model.safetensors").is_file());
+}
+
+#[test]
+fn predict_and_eval_reject_a_zero_batch_size() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let input = write(tmp.path(), "in.csv", "sequence,label\nACGTAC,1\nGGCC,0\n");
+    let preds = tmp.path().join("preds.csv");
+    let m = s(&model);
+    let i = s(&input);
+    let out = dnatune(&[
+        "predict",
+        "--model",
+        m,
+        "--input",
+        i,
+        "--out",
+        s(&preds),
+        "--batch-size",
+        "0",
+    ]);
+    assert_fails_with(&out, &["batch"]);
+    let out = dnatune(&["eval", "--model", m, "--data", i, "--batch-size", "0"]);
+    assert_fails_with(&out, &["batch"]);
+}
+
+#[test]
+fn predict_rejects_a_zero_max_length() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let input = write(tmp.path(), "in.csv", "sequence\nACGTAC\n");
+    let preds = tmp.path().join("preds.csv");
+    let out = dnatune(&[
+        "predict",
+        "--model",
+        s(&model),
+        "--input",
+        s(&input),
+        "--out",
+        s(&preds),
+        "--max-length",
+        "0",
+    ]);
+    assert_fails_with(&out, &["length"]);
+}
+
+#[test]
+fn bench_rejects_zero_sizes() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let m = s(&model);
+    for (flags, word) in [
+        (["--batch-size", "0", "--steps", "1"], "batch"),
+        (["--seq-len", "0", "--steps", "1"], "seq"),
+        (["--steps", "0", "--batch-size", "2"], "steps"),
+    ] {
+        let mut args = vec!["bench", "--model", m, "--warmup", "0"];
+        args.extend(flags);
+        let out = dnatune(&args);
+        assert_fails_with(&out, &[word]);
+    }
+}
