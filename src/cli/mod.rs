@@ -307,6 +307,7 @@ struct BenchArgs {
 
 /// Runs the command line and returns the exit status.
 pub fn main() -> i32 {
+    keep_freed_memory();
     let cli = Cli::parse();
     if let Err(e) = set_threads(cli.threads) {
         eprintln!("error: {e:#}");
@@ -332,6 +333,20 @@ pub fn main() -> i32 {
             eprintln!("error: {e:#}");
             1
         }
+    }
+}
+
+/// Training allocates and frees the same large activation buffers every step. glibc's defaults
+/// return them to the kernel (mmap for blocks over 128 KiB, trimming the heap top), so each
+/// step pays for fresh zeroed pages: 10-20 % of a step, measured. Keeping freed memory in the
+/// process avoids that.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
 }
 
