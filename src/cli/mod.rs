@@ -703,8 +703,8 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{:?} training, batch {} x {} tokens, {} threads: {:.3} s/step, {:.1} sequences/s, {:.0} tokens/s ({} of {} parameters trainable)",
-            r.method, r.batch_size, r.seq_len, r.threads, r.seconds_per_step, r.train_seq_per_s,
+            "{:?} training, batch {} x {} tokens, {} threads: {:.3} s/step (forward {:.3}, backward {:.3}, optimizer {:.3}), {:.1} sequences/s, {:.0} tokens/s ({} of {} parameters trainable)",
+            r.method, r.batch_size, r.seq_len, r.threads, r.seconds_per_step, r.forward_s, r.backward_s, r.optimizer_s, r.train_seq_per_s,
             r.train_tokens_per_s, r.params_trainable, r.params_total
         );
     }

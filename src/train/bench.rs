@@ -26,6 +26,10 @@ pub struct BenchResult {
     pub params_total: usize,
     pub params_trainable: usize,
     pub seconds_per_step: f64,
+    /// Where a step's time goes: forward (with loss), backward, optimiser update.
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
     pub train_seq_per_s: f64,
     pub train_tokens_per_s: f64,
 }
@@ -64,26 +68,37 @@ pub fn bench(
     let labels: Vec<u32> = (0..batch_size).map(|i| (i % 2) as u32).collect();
     let labels = Tensor::from_vec(labels, batch_size, &device)?;
     let mut opt = AdamW::new(loaded.params.trainable(), 0.9, 0.999, 1e-8, 0.01)?;
-    let mut step = |s: usize| -> Result<()> {
+    let mut phases = [0f64; 3];
+    let mut step = |s: usize, phases: &mut [f64; 3]| -> Result<()> {
+        let t0 = Instant::now();
         let ctx = ForwardCtx::train(s as u64);
         let logits = loaded.model.forward(&ids, &mask, &ctx)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let t1 = Instant::now();
         let store = loss.backward()?;
         let grads: HashMap<String, Tensor> = loaded
             .params
             .trainable()
             .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
             .collect();
-        opt.step(&grads, 1e-4)
+        drop(store);
+        let t2 = Instant::now();
+        opt.step(&grads, 1e-4)?;
+        let t3 = Instant::now();
+        for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
+            *p += d.as_secs_f64();
+        }
+        Ok(())
     };
     for s in 0..warmup {
-        step(s)?;
+        step(s, &mut [0.0; 3])?;
     }
     let start = Instant::now();
     for s in 0..steps {
-        step(warmup + s)?;
+        step(warmup + s, &mut phases)?;
     }
     let secs = start.elapsed().as_secs_f64() / steps.max(1) as f64;
+    let per_step = |p: f64| p / steps.max(1) as f64;
     Ok(BenchResult {
         method,
         batch_size,
@@ -93,6 +108,9 @@ pub fn bench(
         params_total: loaded.params.num_params(),
         params_trainable: loaded.params.num_trainable(),
         seconds_per_step: secs,
+        forward_s: per_step(phases[0]),
+        backward_s: per_step(phases[1]),
+        optimizer_s: per_step(phases[2]),
         train_seq_per_s: batch_size as f64 / secs,
         train_tokens_per_s: (batch_size * seq_len) as f64 / secs,
     })
