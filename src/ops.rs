@@ -1,5 +1,6 @@
-//! Numeric building blocks shared by the encoders and the adapters: layer norm, the frozen-weight
-//! matmul that skips weight gradients, dropout with a seeded generator, and seeded initialisers.
+//! Numeric building blocks shared by the encoders and the adapters: fused layer norm, attention
+//! softmax and gated GELU, the frozen-weight matmul that skips weight gradients, dropout with a
+//! seeded generator, and seeded initialisers.
 
 use std::cell::RefCell;
 
@@ -61,9 +62,18 @@ impl ForwardCtx {
     }
 }
 
-/// LayerNorm over the last dimension, built from differentiable ops (candle-nn's fused layer norm
-/// has no backward pass).
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+mod fused;
+
+pub use fused::{attention_softmax, gated_gelu, layer_norm};
+
+/// LayerNorm from plain differentiable ops: the reference the fused kernel is tested against.
+#[cfg(test)]
+pub(crate) fn plain_layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let centred = x.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;

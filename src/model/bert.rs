@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use crate::model::config::ModelConfig;
 use crate::model::layers::{Embedding, LayerNorm};
 use crate::model::params::ParamBuilder;
-use crate::ops::{softmax_last, ForwardCtx};
+use crate::ops::{attention_softmax, ForwardCtx};
 use crate::peft::Linear;
 
 struct Layer {
@@ -109,7 +109,10 @@ impl BertEncoder {
         let mut x = ctx.dropout(&self.emb_norm.forward(&x)?, self.hidden_dropout)?;
         // Hugging Face masks padded keys with the most negative float; any large negative
         // gives the same probabilities to float precision.
-        let pad = ((mask.to_dtype(x.dtype())? - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
+        let pad = ((mask.to_dtype(x.dtype())? - 1.0)? * 1e9)?
+            .reshape((b, 1, 1, t))?
+            .broadcast_as((b, nh, t, t))?
+            .contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
             let heads = |lin: &Linear| -> candle_core::Result<Tensor> {
@@ -123,8 +126,8 @@ impl BertEncoder {
                 heads(&layer.key)?,
                 heads(&layer.value)?,
             );
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&pad)?;
-            let probs = ctx.dropout(&softmax_last(&scores)?, self.attention_dropout)?;
+            let probs = attention_softmax(&q.matmul(&k.t()?)?, &pad, scale)?;
+            let probs = ctx.dropout(&probs, self.attention_dropout)?;
             let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
             let attn = ctx.dropout(&layer.attn_out.forward(&attn, ctx)?, self.hidden_dropout)?;
             x = layer.attn_norm.forward(&(attn + &x)?)?;

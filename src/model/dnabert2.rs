@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use crate::model::config::ModelConfig;
 use crate::model::layers::{Embedding, LayerNorm};
 use crate::model::params::ParamBuilder;
-use crate::ops::{alibi_slopes, softmax_last, ForwardCtx};
+use crate::ops::{alibi_slopes, attention_softmax, gated_gelu, ForwardCtx};
 use crate::peft::Linear;
 
 struct Layer {
@@ -27,7 +27,6 @@ pub struct Dnabert2Encoder {
     layers: Vec<Layer>,
     heads: usize,
     hidden: usize,
-    intermediate: usize,
     hidden_dropout: f64,
     attention_dropout: f64,
     slopes: Vec<f64>,
@@ -74,7 +73,6 @@ impl Dnabert2Encoder {
             layers,
             heads: cfg.num_attention_heads,
             hidden: h,
-            intermediate: i,
             hidden_dropout: cfg.hidden_dropout_prob,
             attention_dropout: cfg.attention_probs_dropout_prob,
             slopes: alibi_slopes(cfg.num_attention_heads),
@@ -130,15 +128,13 @@ impl Dnabert2Encoder {
                     .contiguous()
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let probs = ctx.dropout(&softmax_last(&scores)?, self.attention_dropout)?;
+            let probs = attention_softmax(&q.matmul(&k.t()?)?, &bias, scale)?;
+            let probs = ctx.dropout(&probs, self.attention_dropout)?;
             let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
             let attn = ctx.dropout(&layer.attn_out.forward(&attn, ctx)?, self.hidden_dropout)?;
             x = layer.attn_norm.forward(&(attn + &x)?)?;
-            let gated = layer.gated.forward(&x, ctx)?;
-            let act = gated.narrow(2, 0, self.intermediate)?.gelu_erf()?;
-            let lin = gated.narrow(2, self.intermediate, self.intermediate)?;
-            let mlp = ctx.dropout(&(act * lin)?, self.hidden_dropout)?;
+            let mlp = gated_gelu(&layer.gated.forward(&x, ctx)?)?;
+            let mlp = ctx.dropout(&mlp, self.hidden_dropout)?;
             let mlp = layer.wo.forward(&mlp, ctx)?;
             x = layer.mlp_norm.forward(&(mlp + &x)?)?;
         }

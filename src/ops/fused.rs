@@ -1,0 +1,518 @@
+//! Fused CPU kernels for the element-wise parts of a transformer layer, each a candle custom op
+//! with its own backward pass. The plain compositions build 5-10 graph nodes apiece and their
+//! backward passes re-broadcast and re-reduce; here one pass over memory does the work.
+//! Every kernel is tested against the plain candle composition (values and gradients).
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+/// Rows below this many elements in total run on one thread: spawning costs more than it saves.
+const PARALLEL_MIN: usize = 1 << 15;
+
+/// Applies `f(row_in, row_out)` to every row, in parallel when the tensor is large.
+fn map_rows<T: WithDType, U: WithDType>(
+    input: &[T],
+    cols: usize,
+    out_cols: usize,
+    f: impl Fn(&[T], &mut [U]) + Sync,
+) -> Vec<U> {
+    let rows = input.len() / cols;
+    let mut out = vec![U::from_f64(0.0); rows * out_cols];
+    if input.len() >= PARALLEL_MIN {
+        out.par_chunks_mut(out_cols)
+            .zip(input.par_chunks(cols))
+            .for_each(|(o, i)| f(i, o));
+    } else {
+        out.chunks_mut(out_cols)
+            .zip(input.chunks(cols))
+            .for_each(|(o, i)| f(i, o));
+    }
+    out
+}
+
+fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("{what}: expects a contiguous tensor"),
+    }
+}
+
+/// The values of a (contiguous copy of a) tensor.
+fn values<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+fn last_dim(shape: &Shape) -> usize {
+    *shape.dims().last().unwrap_or(&1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+fn ln_forward<T: WithDType>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let cols = w.len();
+    map_rows(x, cols, cols, |row, out| {
+        let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / cols as f64;
+        let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / cols as f64;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for c in 0..cols {
+            out[c] = T::from_f64((row[c].to_f64() - mean) * rstd * w[c].to_f64() + b[c].to_f64());
+        }
+    })
+}
+
+/// dx, dw, db of LayerNorm for upstream gradient `g`.
+fn ln_backward<T: WithDType>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let cols = w.len();
+    let rows = x.len() / cols;
+    let mut dw = vec![0f64; cols];
+    let mut db = vec![0f64; cols];
+    let mut dx = vec![T::from_f64(0.0); x.len()];
+    for r in 0..rows {
+        let row = &x[r * cols..(r + 1) * cols];
+        let gr = &g[r * cols..(r + 1) * cols];
+        let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / cols as f64;
+        let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / cols as f64;
+        let rstd = 1.0 / (var + eps).sqrt();
+        let (mut sum_gw, mut sum_gw_xhat) = (0f64, 0f64);
+        for c in 0..cols {
+            let xhat = (row[c].to_f64() - mean) * rstd;
+            let gw = gr[c].to_f64() * w[c].to_f64();
+            sum_gw += gw;
+            sum_gw_xhat += gw * xhat;
+            dw[c] += gr[c].to_f64() * xhat;
+            db[c] += gr[c].to_f64();
+        }
+        let n = cols as f64;
+        for c in 0..cols {
+            let xhat = (row[c].to_f64() - mean) * rstd;
+            let gw = gr[c].to_f64() * w[c].to_f64();
+            dx[r * cols + c] = T::from_f64(rstd * (gw - sum_gw / n - xhat * sum_gw_xhat / n));
+        }
+    }
+    let cast = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect();
+    (dx, cast(dw), cast(db))
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(ln_forward(
+                    contiguous(x, l1, self.name())?,
+                    contiguous(w, l2, self.name())?,
+                    contiguous(b, l3, self.name())?,
+                    self.eps,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(ln_forward(
+                    contiguous(x, l1, self.name())?,
+                    contiguous(w, l2, self.name())?,
+                    contiguous(b, l3, self.name())?,
+                    self.eps,
+                ))
+            }
+            _ => candle_core::bail!("fused layer norm supports f32 and f64 of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn run<T: WithDType>(
+            x: &Tensor,
+            w: &Tensor,
+            g: &Tensor,
+            eps: f64,
+        ) -> Result<(Tensor, Tensor, Tensor)> {
+            let (dx, dw, db) =
+                ln_backward(&values::<T>(x)?, &values::<T>(w)?, &values::<T>(g)?, eps);
+            let dev = x.device();
+            Ok((
+                Tensor::from_vec(dx, x.shape(), dev)?,
+                Tensor::from_vec(dw, w.shape(), dev)?,
+                Tensor::from_vec(db, w.shape(), dev)?,
+            ))
+        }
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => run::<f32>(x, w, grad, self.eps)?,
+            DType::F64 => run::<f64>(x, w, grad, self.eps)?,
+            dt => candle_core::bail!("fused layer norm: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// LayerNorm over the last dimension in one pass (with a one-pass backward).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(weight, bias, LayerNormOp { eps })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention probabilities: softmax(scale * scores + bias) over the last dimension
+
+struct AttentionSoftmax {
+    scale: f64,
+}
+
+fn softmax_forward<T: WithDType>(s: &[T], bias: &[T], cols: usize, scale: f64) -> Vec<T> {
+    // `bias` repeats over leading dimensions when it is shorter than `s` (a shared ALiBi table).
+    let period = bias.len();
+    let rows = s.len() / cols;
+    let mut out = vec![T::from_f64(0.0); s.len()];
+    let body = |(r, o): (usize, &mut [T])| {
+        let row = &s[r * cols..(r + 1) * cols];
+        let off = (r * cols) % period;
+        let brow = &bias[off..off + cols];
+        let mut max = f64::NEG_INFINITY;
+        for c in 0..cols {
+            let v = row[c].to_f64() * scale + brow[c].to_f64();
+            max = max.max(v);
+        }
+        let mut sum = 0f64;
+        let mut tmp = vec![0f64; cols];
+        for c in 0..cols {
+            let e = (row[c].to_f64() * scale + brow[c].to_f64() - max).exp();
+            tmp[c] = e;
+            sum += e;
+        }
+        for c in 0..cols {
+            o[c] = T::from_f64(tmp[c] / sum);
+        }
+    };
+    if s.len() >= PARALLEL_MIN {
+        out.par_chunks_mut(cols).enumerate().for_each(body);
+    } else {
+        out.chunks_mut(cols).enumerate().for_each(body);
+    }
+    debug_assert_eq!(rows * cols, s.len());
+    out
+}
+
+fn softmax_backward<T: WithDType>(p: &[T], g: &[T], cols: usize, scale: f64) -> Vec<T> {
+    let mut dx = vec![T::from_f64(0.0); p.len()];
+    let body = |(r, d): (usize, &mut [T])| {
+        let pr = &p[r * cols..(r + 1) * cols];
+        let gr = &g[r * cols..(r + 1) * cols];
+        let dot: f64 = pr
+            .iter()
+            .zip(gr)
+            .map(|(a, b)| a.to_f64() * b.to_f64())
+            .sum();
+        for c in 0..cols {
+            d[c] = T::from_f64(scale * pr[c].to_f64() * (gr[c].to_f64() - dot));
+        }
+    };
+    if p.len() >= PARALLEL_MIN {
+        dx.par_chunks_mut(cols).enumerate().for_each(body);
+    } else {
+        dx.chunks_mut(cols).enumerate().for_each(body);
+    }
+    dx
+}
+
+impl CustomOp2 for AttentionSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-attention-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l1.shape());
+        let out = match (s1, s2) {
+            (CpuStorage::F32(s), CpuStorage::F32(b)) => CpuStorage::F32(softmax_forward(
+                contiguous(s, l1, self.name())?,
+                contiguous(b, l2, self.name())?,
+                cols,
+                self.scale,
+            )),
+            (CpuStorage::F64(s), CpuStorage::F64(b)) => CpuStorage::F64(softmax_forward(
+                contiguous(s, l1, self.name())?,
+                contiguous(b, l2, self.name())?,
+                cols,
+                self.scale,
+            )),
+            _ => candle_core::bail!("fused softmax supports f32 and f64 of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        s: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let cols = s.dim(candle_core::D::Minus1)?;
+        let ds = match s.dtype() {
+            DType::F32 => Tensor::from_vec(
+                softmax_backward(
+                    &values::<f32>(res)?,
+                    &values::<f32>(grad)?,
+                    cols,
+                    self.scale,
+                ),
+                s.shape(),
+                s.device(),
+            )?,
+            DType::F64 => Tensor::from_vec(
+                softmax_backward(
+                    &values::<f64>(res)?,
+                    &values::<f64>(grad)?,
+                    cols,
+                    self.scale,
+                ),
+                s.shape(),
+                s.device(),
+            )?,
+            dt => candle_core::bail!("fused softmax: unsupported dtype {dt:?}"),
+        };
+        // The bias (ALiBi and padding mask) is a constant: no gradient.
+        Ok((Some(ds), None))
+    }
+}
+
+/// `softmax(scale * scores + bias)` over the last dimension. `bias` must tile `scores` along
+/// leading dimensions: the same shape, or a trailing block of it that repeats (e.g. (H, T, T)
+/// for scores (B, H, T, T)). The bias gets no gradient.
+pub fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (n, p) = (scores.elem_count(), bias.elem_count());
+    if p == 0 || n % p != 0 || last_dim(scores.shape()) != last_dim(bias.shape()) {
+        candle_core::bail!(
+            "attention bias {:?} does not tile scores {:?}",
+            bias.dims(),
+            scores.dims()
+        );
+    }
+    scores
+        .contiguous()?
+        .apply_op2(&bias.contiguous()?, AttentionSoftmax { scale })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gated GELU: gelu(x[.., :i]) * x[.., i:]
+
+struct GatedGelu;
+
+/// GELU(a) = a * Phi(a) with the exact normal CDF, and its derivative Phi(a) + a * phi(a).
+fn gelu_and_grad(a: f64) -> (f64, f64) {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(a * std::f64::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * a * a).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    (a * cdf, cdf + a * pdf)
+}
+
+impl CustomOp1 for GatedGelu {
+    fn name(&self) -> &'static str {
+        "fused-gated-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(x: &[T], cols: usize) -> Vec<T> {
+            let half = cols / 2;
+            map_rows(x, cols, half, |row, out| {
+                for c in 0..half {
+                    out[c] = T::from_f64(gelu_and_grad(row[c].to_f64()).0 * row[half + c].to_f64());
+                }
+            })
+        }
+        let cols = last_dim(l.shape());
+        if cols % 2 != 0 {
+            candle_core::bail!("gated GELU needs an even last dimension, got {cols}");
+        }
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(run(contiguous(x, l, self.name())?, cols)),
+            CpuStorage::F64(x) => CpuStorage::F64(run(contiguous(x, l, self.name())?, cols)),
+            _ => candle_core::bail!("gated GELU supports f32 and f64"),
+        };
+        let mut dims = l.shape().dims().to_vec();
+        *dims.last_mut().expect("non-empty") = cols / 2;
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        fn run<T: WithDType>(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+            let cols = x.dim(candle_core::D::Minus1)?;
+            let half = cols / 2;
+            let xv = values::<T>(x)?;
+            let gv = values::<T>(g)?;
+            let rows = xv.len() / cols;
+            let mut dx = vec![T::from_f64(0.0); xv.len()];
+            for r in 0..rows {
+                for c in 0..half {
+                    let a = xv[r * cols + c].to_f64();
+                    let lin = xv[r * cols + half + c].to_f64();
+                    let g = gv[r * half + c].to_f64();
+                    let (act, dact) = gelu_and_grad(a);
+                    dx[r * cols + c] = T::from_f64(g * lin * dact);
+                    dx[r * cols + half + c] = T::from_f64(g * act);
+                }
+            }
+            Tensor::from_vec(dx, x.shape(), x.device())
+        }
+        Ok(Some(match x.dtype() {
+            DType::F32 => run::<f32>(x, grad)?,
+            DType::F64 => run::<f64>(x, grad)?,
+            dt => candle_core::bail!("gated GELU: unsupported dtype {dt:?}"),
+        }))
+    }
+}
+
+/// DNABERT-2's gated MLP activation: exact GELU of the first half of the last dimension times
+/// the second half.
+pub fn gated_gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(GatedGelu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::Initializer;
+    use candle_core::{Device, Var, D};
+
+    fn random(init: &mut Initializer, dims: &[usize], std: f64) -> Var {
+        let n = dims.iter().product();
+        let t = Tensor::from_vec(init.normal(n, std), dims, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        Var::from_tensor(&t).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Compares values and the gradients of sum(out * w) for the fused and the plain version.
+    fn compare(fused: &Tensor, plain: &Tensor, inputs: &[&Var], tol: f64) {
+        assert_eq!(fused.dims(), plain.dims());
+        assert!(
+            max_diff(fused, plain) < tol,
+            "values differ by {}",
+            max_diff(fused, plain)
+        );
+        let w = Tensor::from_vec(
+            Initializer::new(99).normal(fused.elem_count(), 1.0),
+            fused.shape(),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+        let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in inputs.iter().enumerate() {
+            let d = max_diff(gf.get(v).unwrap(), gp.get(v).unwrap());
+            assert!(d < tol, "gradient of input {i} differs by {d}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_equals_plain_composition() {
+        let mut init = Initializer::new(1);
+        for dims in [[3usize, 5, 7], [2, 1, 256], [1, 40, 33]] {
+            let h = dims[2];
+            let x = random(&mut init, &dims, 2.0);
+            let w = random(&mut init, &[h], 1.0);
+            let b = random(&mut init, &[h], 1.0);
+            let fused = layer_norm(&x, &w, &b, 1e-12).unwrap();
+            let plain = crate::ops::plain_layer_norm(&x, &w, &b, 1e-12).unwrap();
+            compare(&fused, &plain, &[&x, &w, &b], 1e-9);
+        }
+    }
+
+    #[test]
+    fn attention_softmax_equals_plain_composition() {
+        let mut init = Initializer::new(2);
+        for (b, h, t) in [(2usize, 3usize, 5usize), (1, 1, 1), (3, 2, 17)] {
+            let s = random(&mut init, &[b, h, t, t], 1.5);
+            let full = random(&mut init, &[b, h, t, t], 1.0);
+            let plain = candle_nn::ops::softmax(
+                &(s.as_tensor() * 0.3).unwrap().broadcast_add(&full).unwrap(),
+                D::Minus1,
+            )
+            .unwrap();
+            compare(
+                &attention_softmax(&s, full.as_tensor(), 0.3).unwrap(),
+                &plain,
+                &[&s],
+                1e-9,
+            );
+            // A bias shared over the batch (ALiBi without padding) tiles the scores.
+            let shared = random(&mut init, &[h, t, t], 1.0);
+            let plain = candle_nn::ops::softmax(
+                &(s.as_tensor() * 0.3)
+                    .unwrap()
+                    .broadcast_add(&shared.unsqueeze(0).unwrap())
+                    .unwrap(),
+                D::Minus1,
+            )
+            .unwrap();
+            compare(
+                &attention_softmax(&s, shared.as_tensor(), 0.3).unwrap(),
+                &plain,
+                &[&s],
+                1e-9,
+            );
+        }
+        let s = Tensor::zeros((2, 4), DType::F64, &Device::Cpu).unwrap();
+        let wrong = Tensor::zeros((3,), DType::F64, &Device::Cpu).unwrap();
+        assert!(attention_softmax(&s, &wrong, 1.0).is_err());
+    }
+
+    #[test]
+    fn gated_gelu_equals_plain_composition() {
+        let mut init = Initializer::new(3);
+        for dims in [[2usize, 3, 8], [1, 1, 2], [5, 7, 66]] {
+            let x = random(&mut init, &dims, 2.0);
+            let half = dims[2] / 2;
+            let plain = (x.narrow(2, 0, half).unwrap().gelu_erf().unwrap()
+                * x.narrow(2, half, half).unwrap())
+            .unwrap();
+            // candle's GELU backward uses 1/sqrt(2 pi) rounded to 0.398942 (relative error 1e-6);
+            // the fused kernel is exact, and the model's finite-difference test checks it.
+            compare(&gated_gelu(&x).unwrap(), &plain, &[&x], 1e-5);
+        }
+        let odd = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(gated_gelu(&odd).is_err());
+    }
+}
