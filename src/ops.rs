@@ -2,7 +2,7 @@
 //! softmax and gated GELU, the frozen-weight matmul that skips weight gradients, dropout with a
 //! seeded generator, and seeded initialisers.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D,
@@ -13,10 +13,11 @@ use rand::{Rng, SeedableRng};
 /// Whether a forward pass trains (dropout on) and the generator its dropout masks come from.
 ///
 /// Masks are drawn with our own seeded generator rather than candle's, whose CPU generator cannot
-/// be seeded: a run with the same seed must give the same metrics.
+/// be seeded: a run with the same seed must give the same metrics. SplitMix64 is used because
+/// masks need millions of draws per step and statistical quality far beyond dropout's needs.
 pub struct ForwardCtx {
     train: bool,
-    rng: RefCell<StdRng>,
+    state: Cell<u64>,
 }
 
 impl ForwardCtx {
@@ -24,7 +25,7 @@ impl ForwardCtx {
     pub fn eval() -> Self {
         ForwardCtx {
             train: false,
-            rng: RefCell::new(StdRng::seed_from_u64(0)),
+            state: Cell::new(0),
         }
     }
 
@@ -32,12 +33,21 @@ impl ForwardCtx {
     pub fn train(seed: u64) -> Self {
         ForwardCtx {
             train: true,
-            rng: RefCell::new(StdRng::seed_from_u64(seed)),
+            state: Cell::new(seed),
         }
     }
 
     pub fn is_train(&self) -> bool {
         self.train
+    }
+
+    fn next_u64(&self) -> u64 {
+        let s = self.state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.state.set(s);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
     }
 
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by 1/(1-p).
@@ -47,16 +57,17 @@ impl ForwardCtx {
         }
         let keep = 1.0 - p;
         let scale = (1.0 / keep) as f32;
-        let mut rng = self.rng.borrow_mut();
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.random::<f64>() < keep {
-                    scale
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        // Each 64-bit draw decides two elements from 32 bits each.
+        let threshold = (keep * 4_294_967_296.0) as u64;
+        let n = x.elem_count();
+        let mut mask = Vec::with_capacity(n + 1);
+        while mask.len() < n {
+            let r = self.next_u64();
+            for half in [r & 0xFFFF_FFFF, r >> 32] {
+                mask.push(if half < threshold { scale } else { 0.0 });
+            }
+        }
+        mask.truncate(n);
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }
