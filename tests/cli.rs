@@ -490,3 +490,64 @@ fn bench_rejects_zero_sizes() {
         assert_fails_with(&out, &[word]);
     }
 }
+
+#[test]
+fn prepare_bed_cuts_labelled_regions_with_their_chromosomes() {
+    let tmp = TempDir::new().unwrap();
+    let genome = write(
+        tmp.path(),
+        "genome.fa",
+        ">chr1\nAACCGGTTAC\n>chr2 second\nGGGGCCCCAT\n",
+    );
+    let peaks = write(
+        tmp.path(),
+        "peaks.bed",
+        "chr1\t2\t6\tp1\t0\t+\nchr2\t4\t8\tp2\t0\t-\n",
+    );
+    let background = write(tmp.path(), "bg.bed", "track name=bg\nchr1\t0\t3\n");
+    let out = tmp.path().join("regions.csv");
+    let peaks_arg = format!("{}=1", s(&peaks));
+    let bg_arg = format!("{}=0", s(&background));
+    let run = dnatune(&[
+        "prepare-bed",
+        "--genome",
+        s(&genome),
+        "--bed",
+        &peaks_arg,
+        "--bed",
+        &bg_arg,
+        "--out",
+        s(&out),
+    ]);
+    assert_ok(&run);
+    let csv = std::fs::read_to_string(&out).unwrap();
+    // chr1[2..6) = CCGG; chr2[4..8) = CCCC, minus strand -> GGGG; chr1[0..3) = AAC.
+    assert_eq!(
+        csv,
+        "id,chrom,sequence,label\np1,chr1,CCGG,1\np2,chr2,GGGG,1\nchr1:0-3,chr1,AAC,0\n"
+    );
+    let bad = dnatune(&[
+        "prepare-bed",
+        "--genome",
+        s(&genome),
+        "--bed",
+        s(&peaks),
+        "--out",
+        s(&out),
+    ]);
+    // A usage error: clap's exit status 2, with the expected form named.
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("PATH=LABEL"), "{}", stderr(&bad));
+    let beyond = write(tmp.path(), "beyond.bed", "chr2\t5\t50\n");
+    let beyond_arg = format!("{}=1", s(&beyond));
+    let out_of_range = dnatune(&[
+        "prepare-bed",
+        "--genome",
+        s(&genome),
+        "--bed",
+        &beyond_arg,
+        "--out",
+        s(&out),
+    ]);
+    assert_fails_with(&out_of_range, &["beyond.bed:1"]);
+}

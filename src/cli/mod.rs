@@ -35,6 +35,8 @@ enum Command {
     Quickstart(QuickstartArgs),
     /// Write a randomly initialised model directory.
     InitModel(InitModelArgs),
+    /// Cut labelled sequences for BED regions from a genome FASTA into a CSV for `train`.
+    PrepareBed(PrepareBedArgs),
     /// Fine-tune a model on labelled sequences.
     Train(Box<TrainArgs>),
     /// Predict classes for sequences in a CSV/TSV/FASTA file.
@@ -152,6 +154,33 @@ struct InitModelArgs {
     seed: u64,
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Args)]
+struct PrepareBedArgs {
+    /// Genome FASTA (optionally gzipped) the regions refer to.
+    #[arg(long)]
+    genome: PathBuf,
+    /// A BED file and the label of its regions, as PATH=LABEL (e.g. peaks.bed=1
+    /// background.bed=0); repeat for each file.
+    #[arg(long = "bed", required = true, value_parser = parse_bed_label)]
+    beds: Vec<(PathBuf, usize)>,
+    /// Output CSV (`id,chrom,sequence,label`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Skip regions whose sequence has letters other than ACGTN instead of failing.
+    #[arg(long)]
+    skip_invalid: bool,
+}
+
+fn parse_bed_label(text: &str) -> std::result::Result<(PathBuf, usize), String> {
+    let (path, label) = text
+        .rsplit_once('=')
+        .ok_or_else(|| format!("expected PATH=LABEL, got `{text}`"))?;
+    let label = label
+        .parse()
+        .map_err(|_| format!("label `{label}` in `{text}` is not a non-negative integer"))?;
+    Ok((PathBuf::from(path), label))
 }
 
 #[derive(Args)]
@@ -316,6 +345,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Quickstart(a) => quickstart(a),
         Command::InitModel(a) => init_model(a),
+        Command::PrepareBed(a) => prepare_bed(a),
         Command::Train(a) => train_cmd(*a),
         Command::Predict(a) => predict(a),
         Command::Eval(a) => eval_cmd(a),
@@ -473,6 +503,32 @@ fn init_model(a: InitModelArgs) -> Result<()> {
         config.intermediate_size,
         encoder.num_params(),
         tokenizer.describe()
+    );
+    Ok(())
+}
+
+fn prepare_bed(a: PrepareBedArgs) -> Result<()> {
+    let opts = ReadOptions {
+        skip_invalid: a.skip_invalid,
+        ..ReadOptions::default()
+    };
+    let mut records = Vec::new();
+    for (bed, label) in &a.beds {
+        let ds = data::read_bed_regions(bed, &a.genome, Some(*label), &opts)?;
+        report_skipped(&ds, bed);
+        println!(
+            "{}: {} regions, label {label}",
+            bed.display(),
+            ds.records.len()
+        );
+        records.extend(ds.records);
+    }
+    data::write_records_csv(&a.out, &records)?;
+    println!(
+        "wrote {} sequences to {}; train on it with `dnatune train --data {} --split chromosome`",
+        records.len(),
+        a.out.display(),
+        a.out.display()
     );
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub use bed::read_bed_regions;
 pub use read::read_records;
-pub use split::{load_splits, read_split_csv, split_records, write_split_csv};
+pub use split::{load_splits, read_split_csv, split_records, write_records_csv, write_split_csv};
 
 /// One labelled (or, for prediction, unlabelled) DNA sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]

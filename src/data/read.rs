@@ -242,6 +242,8 @@ fn read_delimited(
         (None, LabelPolicy::Required) => return Err(missing("label", &opts.label_column)),
     };
     let id_col = find("id").or_else(|| find("name"));
+    // An explicit chromosome column (as `prepare-bed` writes) beats parsing it from the id.
+    let chrom_col = find("chrom");
 
     let mut data = Dataset {
         records: Vec::new(),
@@ -300,8 +302,12 @@ fn read_delimited(
             Some(id) if !id.is_empty() => id.to_string(),
             _ => format!("{stem}:{line}"),
         };
+        let chrom = match chrom_col.map(|c| row[c].trim()) {
+            Some(c) if !c.is_empty() => Some(c.to_string()),
+            _ => chrom_from_id(&id),
+        };
         data.records.push(Record {
-            chrom: chrom_from_id(&id),
+            chrom,
             id,
             seq,
             label,
