@@ -793,7 +793,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="pre-train with masked language modelling")
-    t.add_argument("--corpus", default=str(ROOT / "data/pretrain-corpus/gue-nontf-sequences.fa.gz"))
+    t.add_argument(
+        "--corpus", default=str(ROOT / "data/pretrain-corpus/gue-nontf-sequences.dedup.fa.gz")
+    )
     t.add_argument(
         "--tokenizer", default=str(ROOT / "assets/tokenizers/dna-bpe-4096/tokenizer.json")
     )
