@@ -297,7 +297,7 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
         cfg.time_limit_minutes > 0.0
             && started.elapsed().as_secs_f64() > cfg.time_limit_minutes * 60.0
     };
-    while state.step < cfg.max_steps && !out_of_time() {
+    while state.step < cfg.max_steps {
         let mut rng = step_rng(cfg.seed, state.step, 0x7AA1);
         let windows: Vec<Vec<u32>> = (0..cfg.batch_size)
             .map(|_| {
@@ -351,10 +351,9 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
         if state.step % cfg.eval_every.max(1) == 0 || state.step == cfg.max_steps {
             evaluate(&mut state, &bar)?;
         }
-        if state.step % cfg.checkpoint_every.max(1) == 0
-            || state.step == cfg.max_steps
-            || out_of_time()
-        {
+        // One reading of the clock decides both, so a time-limited stop is always checkpointed.
+        let stop = out_of_time();
+        if stop || state.step % cfg.checkpoint_every.max(1) == 0 || state.step == cfg.max_steps {
             state.optimizer_steps = opt.t;
             save_checkpoint(
                 &cfg.out,
@@ -365,17 +364,11 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
                 tokenizer.as_ref(),
             )?;
         }
+        if stop {
+            break;
+        }
     }
     bar.finish_and_clear();
-    state.optimizer_steps = opt.t;
-    save_checkpoint(
-        &cfg.out,
-        &state,
-        &params,
-        &opt,
-        &model_cfg,
-        tokenizer.as_ref(),
-    )?;
     let valids: Vec<(f64, f64)> = state
         .log
         .iter()

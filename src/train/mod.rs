@@ -640,16 +640,7 @@ pub fn write_predictions(
 fn print_summary(dev: &Metrics, test: &Metrics, best_step: usize, run_dir: &Path) {
     println!("\nbest checkpoint: step {best_step}");
     println!("{:<10} {:>8} {:>8}", "metric", "dev", "test");
-    for name in [
-        "mcc",
-        "accuracy",
-        "f1",
-        "precision",
-        "recall",
-        "auroc",
-        "auprc",
-        "loss",
-    ] {
+    for name in Metrics::NAMES {
         let fmt = |m: &Metrics| m.get(name).map_or("-".to_string(), |v| format!("{v:.4}"));
         println!("{:<10} {:>8} {:>8}", name, fmt(dev), fmt(test));
     }
