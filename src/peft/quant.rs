@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D,
+    backend::BackendStorage, CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D,
 };
 use rayon::prelude::*;
 
@@ -347,47 +347,53 @@ pub fn quantized_bytes(kind: QuantKind, rows: usize, cols: usize) -> usize {
 
 /// `x @ W^T` for x (n, in) and a quantized W (out, in), differentiable in `x` only.
 pub fn quantized_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> candle_core::Result<Tensor> {
-    let y = w.matmul_t(x)?;
     if !x.track_op() {
-        return Ok(y);
+        return w.matmul_t(x);
     }
-    x.apply_op2(&y, AttachQuantGrad { weight: w.clone() })
+    x.contiguous()?.apply_op1(QuantMatmul { weight: w.clone() })
 }
 
-/// Forward: returns the precomputed product (its second argument). Backward: routes
-/// `grad @ W` (tile-wise) to the input and nothing to the weight, which is not a graph node.
-struct AttachQuantGrad {
+/// The product as a graph node of `x` alone: the graph keeps `x` (shared with the rest of the
+/// graph) but no copy of the product or of any dequantized weight. Backward routes `grad @ W`
+/// (tile-wise) to `x`; the weight is not a graph node and gets nothing.
+struct QuantMatmul {
     weight: Arc<QuantizedWeight>,
 }
 
-impl CustomOp2 for AttachQuantGrad {
+impl CustomOp1 for QuantMatmul {
     fn name(&self) -> &'static str {
         "quantized-matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match l2.contiguous_offsets() {
-            Some((0, end)) if end == l2.shape().elem_count() => {
-                Ok((s2.try_clone(l2)?, l2.shape().clone()))
-            }
-            _ => candle_core::bail!("quantized-matmul expects a contiguous product"),
-        }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("quantized-matmul expects a contiguous input")
+        };
+        let x = match s {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
+            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
+            other => candle_core::bail!(
+                "quantized-matmul supports f32 and f64 inputs, not {:?}",
+                other.dtype()
+            ),
+        };
+        let y = self.weight.matmul_t(&x)?;
+        let shape = y.shape().clone();
+        let flat = y.flatten_all()?;
+        let storage = match flat.dtype() {
+            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+            _ => CpuStorage::F32(flat.to_vec1()?),
+        };
+        Ok((storage, shape))
     }
 
     fn bwd(
         &self,
         _x: &Tensor,
-        _y: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.weight.matmul(grad_res)?), None))
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.weight.matmul(grad_res)?))
     }
 }
 
