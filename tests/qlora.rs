@@ -143,7 +143,7 @@ fn qlora_with_zero_b_equals_the_dequantized_base() {
         // And quantization really happened: the f32 base differs a little, not a lot.
         let full = load(
             dir.path(),
-            Some(q.params.tensors(|n| model::params::is_head(n))),
+            Some(q.params.tensors(model::params::is_head)),
             None,
             None,
             Trainable::Nothing,
@@ -328,7 +328,7 @@ fn merged_model_equals_base_plus_adapter() {
     let (a, b) = (logits(&unmerged), logits(&merged));
     assert!(max_diff(&a, &b) < 1e-5, "{a:?} vs {b:?}");
     // The adapter mattered: the base alone (with the same head) differs.
-    let heads = unmerged.params.tensors(|n| model::params::is_head(n));
+    let heads = unmerged.params.tensors(model::params::is_head);
     let base = load(dir.path(), Some(heads), None, None, Trainable::Nothing);
     assert!(max_diff(&a, &logits(&base)) > 1e-3);
 }

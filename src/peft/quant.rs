@@ -89,7 +89,7 @@ pub fn unpack_nibbles(packed: &[u8], n: usize) -> Vec<u8> {
 
 fn nibble(packed: &[u8], i: usize) -> u8 {
     let b = packed[i / 2];
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         b >> 4
     } else {
         b & 0x0f
@@ -515,7 +515,7 @@ mod tests {
         // about 0.08-0.09 of it, so uniform rounding gives an RMS error near 0.2 s / sqrt(12) =
         // 0.06 s (less in the denser centre); 0.1 s leaves room and still fails a broken table.
         let rmse = (sq / w.len() as f64).sqrt();
-        assert!(rmse < 0.1 * sigma as f64, "rmse {rmse}");
+        assert!(rmse < 0.1 * sigma, "rmse {rmse}");
         assert!(rmse > 0.0, "nothing was quantized");
     }
 
