@@ -11,6 +11,7 @@ use crate::model::config::{Architecture, ModelConfig};
 use crate::model::params::{is_head, Trainable};
 use crate::model::{self, LoadOptions, Pooling};
 use crate::peft::adapter;
+use crate::peft::quant::QuantKind;
 use crate::tokenize::{self, Tokenizer};
 use crate::train::config::{Method, Scheduler, SplitKind, TrainConfig};
 use crate::train::{self, bench};
@@ -47,6 +48,10 @@ enum Command {
     Bench(BenchArgs),
     /// Pre-train a model with masked language modelling on a DNA corpus.
     Pretrain(Box<PretrainArgs>),
+    /// Fold a LoRA adapter into its full-precision base and write a plain model directory.
+    Merge(MergeArgs),
+    /// Show a model's architecture, modules, tokenizer, and parameters and memory per method.
+    Inspect(InspectArgs),
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
@@ -293,6 +298,37 @@ struct ModelArgs {
     label_column: String,
     #[arg(long)]
     skip_invalid: bool,
+    /// Run the base quantized (as QLoRA trained it) instead of in full precision.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantKind>,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The base model directory the adapter was trained on.
+    #[arg(long)]
+    model: PathBuf,
+    /// Adapter directory (PEFT layout).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output model directory.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Model directory.
+    model: PathBuf,
+    /// An adapter directory whose LoRA settings to use (default r 8, alpha 16).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Show only this method in the parameter and memory table.
+    #[arg(long, value_enum)]
+    method: Option<Method>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -332,6 +368,14 @@ struct BenchArgs {
     steps: usize,
     #[arg(long)]
     json: bool,
+    /// Report bytes of weights, gradients and optimizer state and the peak resident memory of
+    /// a training step instead of throughput.
+    #[arg(long)]
+    memory: bool,
+    /// With --memory: run every method (full, lora, qlora-int8, qlora-nf4), each in a fresh
+    /// process, and print their ratios.
+    #[arg(long, requires = "memory")]
+    all_methods: bool,
 }
 
 /// Runs the command line and returns the exit status.
@@ -351,6 +395,8 @@ pub fn main() -> i32 {
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(a) => bench_cmd(a),
         Command::Pretrain(a) => pretrain_cmd(*a),
+        Command::Merge(a) => merge_cmd(a),
+        Command::Inspect(a) => inspect_cmd(a),
         Command::Tokenizer(TokenizerCommand::Train {
             input,
             vocab_size,
@@ -649,6 +695,7 @@ fn load_for_inference(a: &ModelArgs) -> Result<(model::LoadedModel, Box<dyn Toke
         trainable: Trainable::Nothing,
         lora,
         pooling: a.pooling,
+        quantize: a.quantize,
         ..LoadOptions::default()
     };
     let loaded = model::load_classifier(&a.model, tensors, &opts, &device)?;
@@ -747,6 +794,9 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.batch_size == 0 || a.seq_len < 3 || a.steps == 0 {
         bail!("bench needs --batch-size >= 1, --seq-len >= 3 and --steps >= 1");
     }
+    if a.memory {
+        return bench_memory_cmd(&a);
+    }
     let r = bench::bench(
         &a.model,
         a.method,
@@ -829,5 +879,154 @@ fn tokenizer_train(input: &Path, vocab_size: usize, out: &Path) -> Result<()> {
         input.display(),
         out.join("tokenizer.json").display()
     );
+    Ok(())
+}
+
+fn merge_cmd(a: MergeArgs) -> Result<()> {
+    let summary = crate::peft::merge::merge_adapter(&a.model, &a.adapter, &a.out)?;
+    println!(
+        "merged {} LoRA modules of {} into {} ({} classes); wrote {}",
+        summary.merged_modules.len(),
+        a.adapter.display(),
+        a.model.display(),
+        summary.num_labels,
+        a.out.display()
+    );
+    println!(
+        "check: merged vs adapter logits differ by at most {:.2e} on 4 random sequences",
+        summary.max_logit_diff
+    );
+    Ok(())
+}
+
+fn inspect_cmd(a: InspectArgs) -> Result<()> {
+    let sample = bundled("data/gue-tf0/dev.csv").ok();
+    let ins = crate::model::inspect::inspect(&a.model, a.adapter.as_deref(), sample.as_deref())?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&ins)?);
+    } else {
+        print!("{}", crate::model::inspect::render(&ins, a.method));
+    }
+    Ok(())
+}
+
+/// `bench --memory`: one method in this process, or (`--all-methods`) each method in a child
+/// process of this same binary, so that one method's peak cannot hide in another's.
+fn bench_memory_cmd(a: &BenchArgs) -> Result<()> {
+    let results = if a.all_methods {
+        let exe = std::env::current_exe().context("cannot locate the dnatune executable")?;
+        let mut out = Vec::new();
+        for m in Method::ALL {
+            let mut cmd = std::process::Command::new(&exe);
+            if let Ok(n) = std::env::var("RAYON_NUM_THREADS") {
+                cmd.args(["--threads", &n]);
+            }
+            let model = a.model.to_string_lossy().to_string();
+            let (b, s, n) = (
+                a.batch_size.to_string(),
+                a.seq_len.to_string(),
+                a.steps.to_string(),
+            );
+            cmd.args([
+                "bench",
+                "--memory",
+                "--json",
+                "--model",
+                &model,
+                "--method",
+                m.name(),
+            ]);
+            cmd.args(["--batch-size", &b, "--seq-len", &s, "--steps", &n]);
+            let res = cmd
+                .output()
+                .with_context(|| format!("cannot run {}", exe.display()))?;
+            if !res.status.success() {
+                bail!(
+                    "bench --memory --method {} failed: {}",
+                    m.name(),
+                    String::from_utf8_lossy(&res.stderr).trim()
+                );
+            }
+            let text = String::from_utf8_lossy(&res.stdout);
+            let line = text.lines().last().unwrap_or_default();
+            let r: bench::MemoryResult = serde_json::from_str(line)
+                .with_context(|| format!("unexpected output of the {} run: {text}", m.name()))?;
+            out.push(r);
+        }
+        out
+    } else {
+        vec![bench::bench_memory(
+            &a.model,
+            a.method,
+            a.batch_size,
+            a.seq_len,
+            a.steps,
+        )?]
+    };
+    if a.json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    let opt_mib = |b: Option<u64>| b.map_or("-".into(), |v| format!("{:.1}", mib(v as usize)));
+    println!(
+        "batch {} x {} tokens; MiB (peak step RSS: high-water mark reset after loading)",
+        a.batch_size, a.seq_len
+    );
+    println!(
+        "{:<11} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "method",
+        "weights",
+        "grads",
+        "optimizer",
+        "lin.quant",
+        "rss loaded",
+        "peak step",
+        "peak proc"
+    );
+    for r in &results {
+        println!(
+            "{:<11} {:>10.1} {:>10.2} {:>10.2} {:>10} {:>12} {:>12} {:>12}",
+            r.method.name(),
+            mib(r.weight_bytes),
+            mib(r.grad_bytes),
+            mib(r.optimizer_bytes),
+            if r.quantized_linear_f32_bytes > 0 {
+                format!(
+                    "{:.4}x",
+                    r.quantized_linear_bytes as f64 / r.quantized_linear_f32_bytes as f64
+                )
+            } else {
+                "-".into()
+            },
+            opt_mib(r.rss_after_load_bytes),
+            opt_mib(r.peak_rss_step_bytes),
+            opt_mib(r.peak_rss_process_bytes)
+        );
+    }
+    let find = |m: Method| results.iter().find(|r| r.method == m);
+    if let (Some(full), Some(lora)) = (find(Method::Full), find(Method::Lora)) {
+        let state = |r: &bench::MemoryResult| (r.grad_bytes + r.optimizer_bytes) as f64;
+        println!(
+            "LoRA gradient + optimizer state: {:.3} % of full fine-tuning's",
+            100.0 * state(lora) / state(full)
+        );
+        for q in [Method::QloraInt8, Method::QloraNf4] {
+            if let (Some(r), Some(lp), Some(qp)) = (
+                find(q),
+                lora.peak_rss_step_bytes,
+                find(q).and_then(|r| r.peak_rss_step_bytes),
+            ) {
+                println!(
+                    "{}: quantized linear weights {:.4}x of f32; peak step RSS {:.3}x of LoRA's",
+                    q.name(),
+                    r.quantized_linear_bytes as f64 / r.quantized_linear_f32_bytes.max(1) as f64,
+                    qp as f64 / lp as f64
+                );
+            }
+        }
+    }
     Ok(())
 }

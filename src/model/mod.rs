@@ -5,6 +5,7 @@ pub mod bert;
 pub mod checkpoint;
 pub mod config;
 pub mod dnabert2;
+pub mod inspect;
 pub mod layers;
 pub mod mlm;
 pub mod params;
@@ -140,6 +141,9 @@ pub struct LoadOptions {
     pub seed: u64,
     pub hidden_dropout: Option<f64>,
     pub attention_dropout: Option<f64>,
+    /// Store the frozen base's linear weights quantized (QLoRA); embeddings, LayerNorms, heads
+    /// and adapters stay f32.
+    pub quantize: Option<crate::peft::quant::QuantKind>,
 }
 
 impl Default for LoadOptions {
@@ -152,6 +156,7 @@ impl Default for LoadOptions {
             seed: 42,
             hidden_dropout: None,
             attention_dropout: None,
+            quantize: None,
         }
     }
 }
@@ -178,6 +183,9 @@ pub fn load_classifier(
     opts: &LoadOptions,
     device: &Device,
 ) -> Result<LoadedModel> {
+    if opts.quantize.is_some() && opts.trainable == Trainable::All {
+        bail!("a quantized base cannot be fine-tuned in full: use LoRA adapters (qlora-*)");
+    }
     let (weights, _format) = checkpoint::load_weights(dir, device)?;
     let mut weights = checkpoint::normalize_prefix(weights, "bert")?;
     if let Some(adapter) = adapter {
@@ -217,7 +225,8 @@ pub fn load_classifier(
     let may_init: Box<dyn Fn(&str) -> bool> =
         Box::new(|n: &str| is_head(n) || n.contains(".lora_"));
     let mut builder = ParamBuilder::new(weights, opts.trainable, opts.seed, may_init, device)
-        .with_lora(lora.clone());
+        .with_lora(lora.clone())
+        .with_quantize(opts.quantize);
     let model = SequenceClassifier::build(&mut builder, &config, num_labels, opts.pooling)
         .with_context(|| format!("loading {}", dir.display()))?;
     let (params, report) = builder

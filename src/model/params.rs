@@ -3,11 +3,13 @@
 //! whatever the checkpoint lacks and may lack (a fresh pooler and classifier, LoRA adapters).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::ops::Initializer;
+use crate::peft::quant::{QuantKind, QuantizedWeight};
 use crate::peft::LoraConfig;
 
 /// One named parameter. `var` is set when the optimiser updates it; `tensor` shares its storage.
@@ -21,6 +23,8 @@ pub struct Param {
 #[derive(Clone, Default)]
 pub struct ParamStore {
     pub entries: BTreeMap<String, Param>,
+    /// Frozen linear weights held quantized (QLoRA); absent from `entries`.
+    pub quantized: BTreeMap<String, Arc<QuantizedWeight>>,
 }
 
 impl ParamStore {
@@ -31,7 +35,24 @@ impl ParamStore {
     }
 
     pub fn num_params(&self) -> usize {
-        self.entries.values().map(|p| p.tensor.elem_count()).sum()
+        self.entries
+            .values()
+            .map(|p| p.tensor.elem_count())
+            .sum::<usize>()
+            + self.quantized.values().map(|q| q.numel()).sum::<usize>()
+    }
+
+    /// Bytes the weights occupy: f32/f64 tensors at their size, quantized ones as stored.
+    pub fn weight_bytes(&self) -> usize {
+        self.entries
+            .values()
+            .map(|p| p.tensor.elem_count() * p.tensor.dtype().size_in_bytes())
+            .sum::<usize>()
+            + self
+                .quantized
+                .values()
+                .map(|q| q.storage_bytes())
+                .sum::<usize>()
     }
 
     pub fn num_trainable(&self) -> usize {
@@ -88,6 +109,7 @@ pub struct ParamBuilder {
     may_init: Box<dyn Fn(&str) -> bool>,
     pub(crate) lora: Option<LoraConfig>,
     pub(crate) lora_matched: HashSet<String>,
+    quantize: Option<QuantKind>,
     initialized: Vec<String>,
     problems: Vec<String>,
     device: Device,
@@ -116,6 +138,7 @@ impl ParamBuilder {
             may_init,
             lora: None,
             lora_matched: HashSet::new(),
+            quantize: None,
             initialized: Vec::new(),
             problems: Vec::new(),
             device: device.clone(),
@@ -137,6 +160,34 @@ impl ParamBuilder {
     pub fn with_lora(mut self, lora: Option<LoraConfig>) -> Self {
         self.lora = lora;
         self
+    }
+
+    /// Stores every frozen base linear weight quantized as `kind` (QLoRA). Heads, adapters,
+    /// embeddings and LayerNorms stay f32; only [`crate::peft::Linear`] asks for quantization.
+    pub fn with_quantize(mut self, kind: Option<QuantKind>) -> Self {
+        self.quantize = kind;
+        self
+    }
+
+    /// The quantization a linear weight `name` gets: none when trainable or a head.
+    pub fn quantize_for(&self, name: &str) -> Option<QuantKind> {
+        self.quantize
+            .filter(|_| !self.is_trainable(name) && !is_head(name) && !name.contains(".lora_"))
+    }
+
+    /// Like [`Self::get`], then quantizes the tensor and keeps only the quantized copy.
+    pub fn get_quantized(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+        kind: QuantKind,
+    ) -> Result<Arc<QuantizedWeight>> {
+        let dense = self.get(name, shape, init)?;
+        self.store.entries.remove(name);
+        let q = Arc::new(QuantizedWeight::quantize(&dense, kind)?);
+        self.store.quantized.insert(name.to_string(), q.clone());
+        Ok(q)
     }
 
     /// Parameter precision (F32 by default; F64 for gradient checks).

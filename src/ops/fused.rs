@@ -140,7 +140,7 @@ impl CustomOp3 for LayerNormOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -164,7 +164,9 @@ impl CustomOp3 for LayerNormOp {
             DType::F64 => run::<f64>(x, w, grad, self.eps)?,
             dt => candle_core::bail!("fused layer norm: unsupported dtype {dt:?}"),
         };
-        Ok((Some(dx), Some(dw), Some(db)))
+        // Frozen affine parameters (adapter training) must not receive gradients.
+        let tracked = |t: &Tensor, g: Tensor| t.track_op().then_some(g);
+        Ok((Some(dx), tracked(w, dw), tracked(b, db)))
     }
 }
 

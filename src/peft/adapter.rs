@@ -103,6 +103,9 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
     let raw_tensors = candle_core::safetensors::load(&weights_path, device)
         .with_context(|| format!("cannot read {}", weights_path.display()))?;
     let mut tensors = HashMap::new();
+    // Sorted, so that the first problem reported is the same on every run.
+    let mut raw_tensors: Vec<(String, Tensor)> = raw_tensors.into_iter().collect();
+    raw_tensors.sort_by(|a, b| a.0.cmp(&b.0));
     for (key, t) in raw_tensors {
         let name = key
             .strip_prefix(PREFIX)

@@ -6,12 +6,17 @@
 //! names follow PEFT (`<module>.lora_A.weight`, `<module>.lora_B.weight`).
 
 pub mod adapter;
+pub mod merge;
+pub mod quant;
+
+use std::sync::Arc;
 
 use anyhow::Result;
 use candle_core::{Tensor, D};
 
 use crate::model::params::{Init, ParamBuilder};
 use crate::ops::{frozen_matmul, ForwardCtx};
+use quant::QuantizedWeight;
 
 /// LoRA hyper-parameters, as in PEFT's `LoraConfig`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -46,9 +51,16 @@ pub struct LoraAdapter {
     pub dropout: f64,
 }
 
-/// A linear layer `y = x W^T + b` (+ LoRA). `weight` is (out, in) as in PyTorch.
+/// The base weight W (out, in) of a linear layer: f32 (trainable or frozen), or frozen and
+/// quantized for QLoRA.
+pub enum LinearBase {
+    Dense(Tensor),
+    Quantized(Arc<QuantizedWeight>),
+}
+
+/// A linear layer `y = x W^T + b` (+ LoRA). The weight is (out, in) as in PyTorch.
 pub struct Linear {
-    pub weight: Tensor,
+    pub base: LinearBase,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
 }
@@ -64,11 +76,17 @@ impl Linear {
         bias: bool,
         std: f64,
     ) -> Result<Self> {
-        let weight = b.get(
-            &format!("{name}.weight"),
-            &[out_dim, in_dim],
-            Init::Normal(std),
-        )?;
+        let weight_name = format!("{name}.weight");
+        let shape = [out_dim, in_dim];
+        let base = match b.quantize_for(&weight_name) {
+            Some(kind) => LinearBase::Quantized(b.get_quantized(
+                &weight_name,
+                &shape,
+                Init::Normal(std),
+                kind,
+            )?),
+            None => LinearBase::Dense(b.get(&weight_name, &shape, Init::Normal(std))?),
+        };
         let bias = if bias {
             Some(b.get(&format!("{name}.bias"), &[out_dim], Init::Zeros)?)
         } else {
@@ -102,17 +120,17 @@ impl Linear {
             }
             None => None,
         };
-        Ok(Linear { weight, bias, lora })
+        Ok(Linear { base, bias, lora })
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let x2 = x.reshape(((), in_dim))?;
-        let mut y = if self.weight.is_variable() {
-            x2.matmul(&self.weight.t()?)?
-        } else {
-            frozen_matmul(&x2, &self.weight)?
+        let mut y = match &self.base {
+            LinearBase::Dense(w) if w.is_variable() => x2.matmul(&w.t()?)?,
+            LinearBase::Dense(w) => frozen_matmul(&x2, w)?,
+            LinearBase::Quantized(q) => quant::quantized_matmul(&x2, q)?,
         };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;

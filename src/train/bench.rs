@@ -1,5 +1,6 @@
 //! `dnatune bench`: training throughput of one model shape on this machine, measured on full
-//! optimiser steps (forward, backward, AdamW) over random token ids.
+//! optimiser steps (forward, backward, AdamW) over random token ids; with `--memory`, the bytes
+//! of weights, gradients and optimizer state and the peak resident memory of a training step.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::model::params::Trainable;
-use crate::model::{self, LoadOptions};
+use crate::model::{self, LoadOptions, LoadedModel};
 use crate::ops::ForwardCtx;
 use crate::train::config::{Method, TrainConfig};
 use crate::train::optim::AdamW;
@@ -43,62 +44,18 @@ pub fn bench(
     warmup: usize,
     steps: usize,
 ) -> Result<BenchResult> {
-    let device = Device::Cpu;
-    let lora = match method {
-        Method::Full => None,
-        Method::Lora => Some(crate::train::lora_config(&TrainConfig::default())),
-    };
-    let opts = LoadOptions {
-        num_labels: Some(2),
-        trainable: match method {
-            Method::Full => Trainable::All,
-            Method::Lora => Trainable::AdaptersAndHead,
-        },
-        lora,
-        ..LoadOptions::default()
-    };
-    let loaded = model::load_classifier(model_dir, None, &opts, &device)?;
-    let vocab = loaded.config.vocab_size as u32;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let ids: Vec<u32> = (0..batch_size * seq_len)
-        .map(|_| rng.random_range(5..vocab.max(6)))
-        .collect();
-    let ids = Tensor::from_vec(ids, (batch_size, seq_len), &device)?;
-    let mask = Tensor::ones((batch_size, seq_len), candle_core::DType::U32, &device)?;
-    let labels: Vec<u32> = (0..batch_size).map(|i| (i % 2) as u32).collect();
-    let labels = Tensor::from_vec(labels, batch_size, &device)?;
-    let mut opt = AdamW::new(loaded.params.trainable(), 0.9, 0.999, 1e-8, 0.01)?;
+    let mut run = Runner::new(model_dir, method, batch_size, seq_len)?;
     let mut phases = [0f64; 3];
-    let mut step = |s: usize, phases: &mut [f64; 3]| -> Result<()> {
-        let t0 = Instant::now();
-        let ctx = ForwardCtx::train(s as u64);
-        let logits = loaded.model.forward(&ids, &mask, &ctx)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        let t1 = Instant::now();
-        let store = loss.backward()?;
-        let grads: HashMap<String, Tensor> = loaded
-            .params
-            .trainable()
-            .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
-            .collect();
-        drop(store);
-        let t2 = Instant::now();
-        opt.step(&grads, 1e-4)?;
-        let t3 = Instant::now();
-        for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
-            *p += d.as_secs_f64();
-        }
-        Ok(())
-    };
     for s in 0..warmup {
-        step(s, &mut [0.0; 3])?;
+        run.step(s, &mut [0.0; 3])?;
     }
     let start = Instant::now();
     for s in 0..steps {
-        step(warmup + s, &mut phases)?;
+        run.step(warmup + s, &mut phases)?;
     }
     let secs = start.elapsed().as_secs_f64() / steps.max(1) as f64;
     let per_step = |p: f64| p / steps.max(1) as f64;
+    let loaded = &run.loaded;
     Ok(BenchResult {
         method,
         batch_size,
@@ -113,5 +70,165 @@ pub fn bench(
         optimizer_s: per_step(phases[2]),
         train_seq_per_s: batch_size as f64 / secs,
         train_tokens_per_s: (batch_size * seq_len) as f64 / secs,
+    })
+}
+
+/// A model loaded for `method` with a fixed random batch and an optimizer.
+struct Runner {
+    loaded: LoadedModel,
+    ids: Tensor,
+    mask: Tensor,
+    labels: Tensor,
+    opt: AdamW,
+}
+
+impl Runner {
+    fn new(model_dir: &Path, method: Method, batch_size: usize, seq_len: usize) -> Result<Self> {
+        let device = Device::Cpu;
+        let opts = LoadOptions {
+            num_labels: Some(2),
+            trainable: if method.uses_adapters() {
+                Trainable::AdaptersAndHead
+            } else {
+                Trainable::All
+            },
+            lora: method
+                .uses_adapters()
+                .then(|| crate::train::lora_config(&TrainConfig::default())),
+            quantize: method.quantize(),
+            ..LoadOptions::default()
+        };
+        let loaded = model::load_classifier(model_dir, None, &opts, &device)?;
+        let vocab = loaded.config.vocab_size as u32;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let ids: Vec<u32> = (0..batch_size * seq_len)
+            .map(|_| rng.random_range(5..vocab.max(6)))
+            .collect();
+        let ids = Tensor::from_vec(ids, (batch_size, seq_len), &device)?;
+        let mask = Tensor::ones((batch_size, seq_len), candle_core::DType::U32, &device)?;
+        let labels: Vec<u32> = (0..batch_size).map(|i| (i % 2) as u32).collect();
+        let labels = Tensor::from_vec(labels, batch_size, &device)?;
+        let opt = AdamW::new(loaded.params.trainable(), 0.9, 0.999, 1e-8, 0.01)?;
+        Ok(Runner {
+            loaded,
+            ids,
+            mask,
+            labels,
+            opt,
+        })
+    }
+
+    /// One optimizer step, adding its forward, backward and update times to `phases`; returns
+    /// the bytes of the gradients it applied.
+    fn step(&mut self, s: usize, phases: &mut [f64; 3]) -> Result<usize> {
+        let t0 = Instant::now();
+        let ctx = ForwardCtx::train(s as u64);
+        let logits = self.loaded.model.forward(&self.ids, &self.mask, &ctx)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &self.labels)?;
+        let t1 = Instant::now();
+        let store = loss.backward()?;
+        let grads: HashMap<String, Tensor> = self
+            .loaded
+            .params
+            .trainable()
+            .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
+            .collect();
+        drop(store);
+        let t2 = Instant::now();
+        self.opt.step(&grads, 1e-4)?;
+        let t3 = Instant::now();
+        for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
+            *p += d.as_secs_f64();
+        }
+        Ok(grads.values().map(tensor_bytes).sum())
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// Memory of one method's training step.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct MemoryResult {
+    pub method: Method,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub params_total: usize,
+    pub params_trainable: usize,
+    /// All weights as held (quantized ones at their stored size).
+    pub weight_bytes: usize,
+    /// The quantized linear weights as stored, and the same weights at f32 (0 without QLoRA).
+    pub quantized_linear_bytes: usize,
+    pub quantized_linear_f32_bytes: usize,
+    /// Gradients of one step (only trainable tensors receive any).
+    pub grad_bytes: usize,
+    /// AdamW's first and second moments.
+    pub optimizer_bytes: usize,
+    /// Resident memory once the model is loaded and quantized, before any step.
+    pub rss_after_load_bytes: Option<u64>,
+    /// Peak resident memory while running the training steps (high-water mark reset after
+    /// loading, so the transient f32 copy of a quantized checkpoint does not count).
+    pub peak_rss_step_bytes: Option<u64>,
+    /// Whether the high-water mark could be reset; if not, the peak includes loading.
+    pub peak_reset: bool,
+    /// Peak resident memory of the whole process (loading included).
+    pub peak_rss_process_bytes: Option<u64>,
+}
+
+/// A field of /proc/self/status in bytes (Linux; `None` elsewhere).
+pub fn proc_status_bytes(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line[field.len()..]
+        .trim_start_matches(':')
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Resets the peak-RSS counter (VmHWM) to the current RSS; Linux >= 4.0.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Loads the model for `method`, runs `steps` training steps and reports memory. Run it in a
+/// process of its own (the CLI re-invokes itself per method) so that peaks do not mix.
+pub fn bench_memory(
+    model_dir: &Path,
+    method: Method,
+    batch_size: usize,
+    seq_len: usize,
+    steps: usize,
+) -> Result<MemoryResult> {
+    let mut run = Runner::new(model_dir, method, batch_size, seq_len)?;
+    let rss_after_load_bytes = proc_status_bytes("VmRSS");
+    let load_peak = proc_status_bytes("VmHWM");
+    let peak_reset = reset_peak_rss();
+    let mut grad_bytes = 0;
+    for s in 0..steps.max(1) {
+        grad_bytes = run.step(s, &mut [0.0; 3])?;
+    }
+    let peak_rss_step_bytes = proc_status_bytes("VmHWM");
+    let params = &run.loaded.params;
+    let optimizer_bytes = run.opt.state().values().map(tensor_bytes).sum();
+    Ok(MemoryResult {
+        method,
+        batch_size,
+        seq_len,
+        params_total: params.num_params(),
+        params_trainable: params.num_trainable(),
+        weight_bytes: params.weight_bytes(),
+        quantized_linear_bytes: params.quantized.values().map(|q| q.storage_bytes()).sum(),
+        quantized_linear_f32_bytes: params.quantized.values().map(|q| 4 * q.numel()).sum(),
+        grad_bytes,
+        optimizer_bytes,
+        rss_after_load_bytes,
+        peak_rss_step_bytes,
+        peak_reset,
+        peak_rss_process_bytes: load_peak.max(peak_rss_step_bytes),
     })
 }

@@ -16,6 +16,48 @@ pub enum Method {
     Full,
     /// Low-rank adapters on a frozen base, plus pooler and classifier.
     Lora,
+    /// LoRA on a base whose linear weights are stored as int8 (per-row absmax).
+    #[serde(rename = "qlora-int8")]
+    #[value(name = "qlora-int8")]
+    QloraInt8,
+    /// LoRA on a base whose linear weights are stored as NF4 with double quantization.
+    #[serde(rename = "qlora-nf4")]
+    #[value(name = "qlora-nf4")]
+    QloraNf4,
+}
+
+impl Method {
+    pub const ALL: [Method; 4] = [
+        Method::Full,
+        Method::Lora,
+        Method::QloraInt8,
+        Method::QloraNf4,
+    ];
+
+    /// Whether the run trains adapters (and the head) on a frozen base.
+    pub fn uses_adapters(self) -> bool {
+        self != Method::Full
+    }
+
+    /// How the frozen base is stored.
+    pub fn quantize(self) -> Option<crate::peft::quant::QuantKind> {
+        use crate::peft::quant::QuantKind;
+        match self {
+            Method::Full | Method::Lora => None,
+            Method::QloraInt8 => Some(QuantKind::Int8),
+            Method::QloraNf4 => Some(QuantKind::Nf4),
+        }
+    }
+
+    /// The command-line / config name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Full => "full",
+            Method::Lora => "lora",
+            Method::QloraInt8 => "qlora-int8",
+            Method::QloraNf4 => "qlora-nf4",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -194,9 +236,10 @@ impl TrainConfig {
     }
 
     pub fn learning_rate(&self) -> f64 {
-        self.lr.unwrap_or(match self.method {
-            Method::Full => 3e-5,
-            Method::Lora => 5e-4,
+        self.lr.unwrap_or(if self.method.uses_adapters() {
+            5e-4
+        } else {
+            3e-5
         })
     }
 
@@ -227,7 +270,7 @@ impl TrainConfig {
                 crate::eval::Metrics::NAMES
             );
         }
-        if self.method == Method::Lora && self.lora.r == 0 {
+        if self.method.uses_adapters() && self.lora.r == 0 {
             bail!("LoRA rank r must be positive");
         }
         for (name, p) in [
@@ -262,6 +305,31 @@ mod tests {
         assert_eq!(cfg.learning_rate(), 3e-5);
         let back: TrainConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn qlora_method_names_are_hyphenated_everywhere() {
+        use clap::ValueEnum;
+        for m in Method::ALL {
+            let toml_text = format!("method = \"{}\"\n", m.name());
+            assert_eq!(toml::from_str::<TrainConfig>(&toml_text).unwrap().method, m);
+            assert_eq!(Method::from_str(m.name(), false).unwrap(), m);
+            let cfg = TrainConfig {
+                method: m,
+                ..Default::default()
+            };
+            assert!(cfg.to_toml().unwrap().contains(&toml_text));
+        }
+        assert_eq!(Method::QloraNf4.name(), "qlora-nf4");
+        assert!(Method::QloraInt8.uses_adapters() && !Method::Full.uses_adapters());
+        assert_eq!(
+            TrainConfig {
+                method: Method::QloraNf4,
+                ..Default::default()
+            }
+            .learning_rate(),
+            5e-4
+        );
     }
 
     #[test]

@@ -232,7 +232,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     // Model.
     let lora = match cfg.method {
         Method::Full => None,
-        Method::Lora => {
+        Method::Lora | Method::QloraInt8 | Method::QloraNf4 => {
             let from_adapter = match &cfg.adapter {
                 Some(dir) => Some(adapter::load_adapter(dir, &device)?),
                 None => None,
@@ -251,13 +251,14 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         num_labels: Some(num_labels),
         trainable: match cfg.method {
             Method::Full => Trainable::All,
-            Method::Lora => Trainable::AdaptersAndHead,
+            Method::Lora | Method::QloraInt8 | Method::QloraNf4 => Trainable::AdaptersAndHead,
         },
         lora: lora.clone(),
         pooling: cfg.pooling,
         seed: cfg.seed,
         hidden_dropout: cfg.hidden_dropout,
         attention_dropout: cfg.attention_dropout,
+        quantize: cfg.method.quantize(),
     };
     let LoadedModel {
         model,
@@ -272,11 +273,12 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     }
     let (total, trainable) = (params.num_params(), params.num_trainable());
     println!(
-        "parameters: {} total, {} trainable ({:.2} %), method {:?}",
+        "parameters: {} total, {} trainable ({:.2} %), method {}, weights {:.1} MiB",
         total,
         trainable,
         100.0 * trainable as f64 / total as f64,
-        cfg.method
+        cfg.method.name(),
+        params.weight_bytes() as f64 / (1 << 20) as f64
     );
 
     let mut opt = AdamW::new(
@@ -572,7 +574,9 @@ fn restore_best(dir: &Path, method: Method, params: &ParamStore, device: &Device
             model::checkpoint::load_weights(dir, device)?.0,
             "bert",
         )?,
-        Method::Lora => adapter::load_adapter(dir, device)?.tensors,
+        Method::Lora | Method::QloraInt8 | Method::QloraNf4 => {
+            adapter::load_adapter(dir, device)?.tensors
+        }
     };
     for (name, var) in params.trainable() {
         let t = tensors
