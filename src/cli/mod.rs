@@ -456,30 +456,20 @@ fn bundled(relative: &str) -> Result<PathBuf> {
 
 fn quickstart(a: QuickstartArgs) -> Result<()> {
     let data = bundled("data/gue-tf0")?;
-    let tokenizer = bundled("assets/tokenizers/dna-bpe-4096/tokenizer.json")?;
-    let base = a.out.join("base-model");
-    println!("dnatune quickstart: human TF binding (GUE tf/0), a small DNABERT-2 trained on CPU\n");
-    init_model(InitModelArgs {
-        arch: ArchArg::Dnabert2,
-        like: None,
-        layers: 2,
-        hidden: 128,
-        heads: 4,
-        intermediate: 512,
-        tokenizer: Some(tokenizer),
-        kmer: None,
-        max_positions: 512,
-        seed: a.seed,
-        out: base.clone(),
-    })?;
+    let model = bundled("models/dnatune-dnabert2-small")?;
+    println!(
+        "dnatune quickstart: LoRA fine-tuning of the shipped pre-trained DNABERT-2 ({}) on human TF \
+         binding (GUE tf/0), on CPU\n",
+        model.display()
+    );
     let cfg = TrainConfig {
-        model: base,
+        model,
         data,
-        out: a.out.join("run"),
-        method: Method::Full,
+        out: a.out,
+        method: Method::Lora,
         seed: a.seed,
         epochs: a.epochs,
-        lr: Some(5e-4),
+        lr: Some(1e-3),
         max_train_samples: Some(a.train_samples),
         max_length: 64,
         ..TrainConfig::default()
