@@ -37,10 +37,6 @@ impl ForwardCtx {
         }
     }
 
-    pub fn is_train(&self) -> bool {
-        self.train
-    }
-
     fn next_u64(&self) -> u64 {
         let s = self.state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
         self.state.set(s);
@@ -193,10 +189,6 @@ impl Initializer {
         (0..n)
             .map(|_| self.rng.random_range(-bound..bound) as f32)
             .collect()
-    }
-
-    pub fn next_seed(&mut self) -> u64 {
-        self.rng.random()
     }
 }
 
