@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""The PyTorch side of `bench/race`: DNABERT-2 trained (or run) the way a careful PyTorch user would.
+
+The model is the repository's independent reference module (tools/torch_reference/dnabert2.py)
+with its attention switched to `F.scaled_dot_product_attention`, the ALiBi + padding bias passed
+as `attn_mask` (the reference module computes the scores with plain matmuls, which is what this
+benchmark must not charge to PyTorch). Training uses torch.optim.AdamW; LoRA uses peft
+`LoraConfig(r=8, lora_alpha=16, target_modules=["Wqkv"])` with the pooler and the classifier
+trained in full (`modules_to_save`), the setting dnatune's `bench --method lora` uses.
+
+Modes (one JSON object on stdout, peak RSS from `resource.getrusage`, loading included):
+  train:    `--method full|lora`: warm-up steps, then timed optimiser steps on a fixed random batch
+  infer:    eval mode, `torch.inference_mode()`, forward passes over random batches
+  tokenize: Python `tokenizers` on the sequences of a CSV (column `sequence`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def peak_rss_bytes() -> int:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def use_sdpa(dnabert2) -> None:
+    """Replaces the reference attention's matmul-softmax-matmul with the fused SDPA call."""
+    import torch.nn.functional as F
+
+    def forward(self, x, bias):
+        batch, length, _ = x.shape
+        heads, head_dim = self.cfg.num_attention_heads, self.cfg.head_dim
+        qkv = self.self.Wqkv(x).view(batch, length, 3, heads, head_dim)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        p = self.probs_dropout.p if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        context = context.transpose(1, 2).reshape(batch, length, heads * head_dim)
+        return self.output(context, x)
+
+    dnabert2.Attention.forward = forward
+
+
+def load_model(model_dir: Path):
+    """The reference classifier with the checkpoint's encoder weights; a head missing from the
+    checkpoint (dnatune's `init-model` writes none) starts random, as dnatune's does."""
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(REPO / "tools" / "torch_reference"))
+    import dnabert2
+
+    config = json.loads((model_dir / "config.json").read_text())
+    model = dnabert2.DnaBert2ForSequenceClassification(config)
+    expected = set(model.state_dict())
+    state = {k: v for k, v in load_file(str(model_dir / "model.safetensors")).items() if k in expected}
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    head = {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+    if not set(missing) <= head:
+        raise SystemExit(f"{model_dir}/model.safetensors lacks encoder weights: {sorted(set(missing) - head)}")
+
+    # The SDPA path must give the reference module's logits before anything is timed.
+    ids = torch.randint(5, config["vocab_size"], (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    model.eval()
+    with torch.no_grad():
+        plain = model(ids, mask)
+        use_sdpa(dnabert2)
+        fused = model(ids, mask)
+    if not torch.allclose(plain, fused, rtol=1e-4, atol=1e-5):
+        raise SystemExit(f"SDPA attention disagrees with the reference: {plain} vs {fused}")
+    return model, config
+
+
+def train(args) -> dict:
+    import torch
+
+    model, config = load_model(args.model)
+    if args.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=["Wqkv"],
+            modules_to_save=["pooler", "classifier"],
+        )
+        model = get_peft_model(model, lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, config["vocab_size"], (args.batch_size, args.seq_len), generator=gen)
+    mask = torch.ones_like(ids)
+    labels = torch.arange(args.batch_size) % 2
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    for _ in range(args.warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    secs = (time.perf_counter() - start) / args.steps
+    return {
+        "mode": "train",
+        "method": args.method,
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "params_trainable": sum(p.numel() for p in params),
+        "seconds_per_step": secs,
+        "seq_per_s": args.batch_size / secs,
+    }
+
+
+def infer(args) -> dict:
+    import torch
+
+    model, config = load_model(args.model)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(5, config["vocab_size"], (args.batch_size, args.seq_len), generator=gen)
+        for _ in range(args.steps)
+    ]
+    mask = torch.ones_like(batches[0])
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            model(batches[0], mask)
+        start = time.perf_counter()
+        for ids in batches:
+            model(ids, mask)
+        secs = time.perf_counter() - start
+    return {
+        "mode": "infer",
+        "sequences": args.batch_size * args.steps,
+        "seconds": secs,
+        "seq_per_s": args.batch_size * args.steps / secs,
+    }
+
+
+def tokenize(args) -> dict:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(args.tokenizer))
+    with open(args.sequences, newline="") as f:
+        seqs = [row["sequence"] for row in csv.DictReader(f)]
+    tok.encode_batch(seqs[:256])  # warm-up
+    start = time.perf_counter()
+    for s in seqs:
+        tok.encode(s)
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    tok.encode_batch(seqs)
+    batch = time.perf_counter() - start
+    return {
+        "mode": "tokenize",
+        "sequences": len(seqs),
+        "seq_per_s_encode": len(seqs) / one,
+        "seq_per_s_encode_batch": len(seqs) / batch,
+        "seq_per_s": len(seqs) / min(one, batch),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["train", "infer", "tokenize"])
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--method", choices=["full", "lora"], default="lora")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--tokenizer", type=Path)
+    ap.add_argument("--sequences", type=Path, help="CSV with a `sequence` column (tokenize mode)")
+    args = ap.parse_args()
+    if args.mode in ("train", "infer") and args.model is None:
+        ap.error(f"{args.mode} needs --model")
+    if args.mode == "tokenize" and (args.tokenizer is None or args.sequences is None):
+        ap.error("tokenize needs --tokenizer and --sequences")
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("need --steps >= 1 and --warmup >= 0")
+
+    if args.mode != "tokenize":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+    result = {"train": train, "infer": infer, "tokenize": tokenize}[args.mode](args)
+    if args.mode != "tokenize":
+        import torch
+
+        result["torch"] = torch.__version__
+        result["threads"] = torch.get_num_threads()
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
