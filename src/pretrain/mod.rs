@@ -278,10 +278,13 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
     let mut window = (0f64, 0usize, 0u64, Instant::now());
     let evaluate = |state: &mut PretrainState, bar: &ProgressBar| -> Result<(f64, f64)> {
         let (loss, acc) = validate(&model, &valid_windows, tokenizer.as_ref(), cfg, &device)?;
-        bar.println(format!(
-            "step {:>7}  tokens {:>11}  valid MLM loss {loss:.4}  masked accuracy {acc:.4}",
-            state.step, state.tokens
-        ));
+        crate::train::say(
+            bar,
+            format!(
+                "step {:>7}  tokens {:>11}  valid MLM loss {loss:.4}  masked accuracy {acc:.4}",
+                state.step, state.tokens
+            ),
+        );
         state.log.push(PretrainLog::Valid {
             step: state.step,
             tokens: state.tokens,

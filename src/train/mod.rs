@@ -430,7 +430,9 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                     Some(best) if Metrics::higher_is_better(&cfg.metric) => value > best,
                     Some(best) => value < best,
                 };
-                bar.println(format!(
+                say(
+                    &bar,
+                    format!(
                     "step {:>6}  epoch {:>5.2}  dev {} {:.4}  accuracy {:.4}  f1 {:.4}  auroc {}{}",
                     state.step,
                     epoch_f,
@@ -440,7 +442,8 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                     metrics.f1,
                     metrics.auroc.map_or("-".into(), |v| format!("{v:.4}")),
                     if improved { "  (best)" } else { "" }
-                ));
+                ),
+                );
                 state.log.push(LogEntry::Eval {
                     step: state.step,
                     epoch: epoch_f,
@@ -457,10 +460,13 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                     state.evals_since_best += 1;
                 }
                 if cfg.patience > 0 && state.evals_since_best >= cfg.patience {
-                    bar.println(format!(
-                        "early stopping: no {} improvement in {} evaluations",
-                        cfg.metric, cfg.patience
-                    ));
+                    say(
+                        &bar,
+                        format!(
+                            "early stopping: no {} improvement in {} evaluations",
+                            cfg.metric, cfg.patience
+                        ),
+                    );
                     stop = true;
                 }
                 state.finished = stop || state.step >= total_steps;
@@ -532,6 +538,16 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         steps: state.step,
         run_dir,
     })
+}
+
+/// Prints a line above the progress bar, or plainly when the bar is hidden (output not a
+/// terminal, e.g. a log file or CI), where indicatif would drop it.
+pub(crate) fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 /// A per-step seed for dropout masks, so that a resumed run draws the same masks.
