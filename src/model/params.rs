@@ -55,6 +55,13 @@ impl ParamStore {
                 .sum::<usize>()
     }
 
+    /// The gradient of every trainable tensor that `store` holds, by parameter name.
+    pub fn gradients(&self, store: &candle_core::backprop::GradStore) -> HashMap<String, Tensor> {
+        self.trainable()
+            .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
+            .collect()
+    }
+
     pub fn num_trainable(&self) -> usize {
         self.trainable().map(|(_, v)| v.elem_count()).sum()
     }

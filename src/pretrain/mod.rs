@@ -5,7 +5,6 @@
 pub mod corpus;
 pub mod masking;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -324,10 +323,7 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
         let logits = model.forward(&ids, &mask, &pos, &ctx)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
         let store = loss.backward()?;
-        let mut grads: HashMap<String, Tensor> = params
-            .trainable()
-            .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
-            .collect();
+        let mut grads = params.gradients(&store);
         clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         let lr = learning_rate(cfg.scheduler, cfg.lr, state.step, warmup, cfg.max_steps);
         opt.step(&grads, lr)?;
@@ -425,12 +421,7 @@ fn save_checkpoint(
     checkpoint::save_safetensors(&tmp.join("optimizer.safetensors"), &opt.state(), DType::F32)?;
     crate::fsutil::write_json_atomic(&tmp.join("state.json"), state)?;
     crate::train::replace_dir(&tmp, &out.join("checkpoint"))?;
-    let mut log = String::new();
-    for e in &state.log {
-        log.push_str(&serde_json::to_string(e)?);
-        log.push('\n');
-    }
-    crate::fsutil::write_atomic(&out.join("log.jsonl"), log.as_bytes())
+    crate::fsutil::write_jsonl_atomic(&out.join("log.jsonl"), &state.log)
 }
 
 fn load_checkpoint(out: &Path, params: &ParamStore, opt: &mut AdamW) -> Result<PretrainState> {

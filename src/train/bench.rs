@@ -2,7 +2,6 @@
 //! optimiser steps (forward, backward, AdamW) over random token ids; with `--memory`, the bytes
 //! of weights, gradients and optimizer state and the peak resident memory of a training step.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -127,12 +126,7 @@ impl Runner {
         let loss = candle_nn::loss::cross_entropy(&logits, &self.labels)?;
         let t1 = Instant::now();
         let store = loss.backward()?;
-        let grads: HashMap<String, Tensor> = self
-            .loaded
-            .params
-            .trainable()
-            .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
-            .collect();
+        let grads = self.loaded.params.gradients(&store);
         drop(store);
         let t2 = Instant::now();
         self.opt.step(&grads, 1e-4)?;

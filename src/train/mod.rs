@@ -363,19 +363,12 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                 let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
                 let weighted = (&loss * (micro.len() as f64 / group_seqs as f64))?;
                 let store = weighted.backward()?;
-                for (name, var) in params.trainable() {
-                    if let Some(g) = store.get(var) {
-                        let entry = grads.entry(name.clone());
-                        match entry {
-                            std::collections::hash_map::Entry::Occupied(mut e) => {
-                                let sum = (e.get() + g)?;
-                                e.insert(sum);
-                            }
-                            std::collections::hash_map::Entry::Vacant(e) => {
-                                e.insert(g.clone());
-                            }
-                        }
-                    }
+                for (name, g) in params.gradients(&store) {
+                    let sum = match grads.remove(&name) {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    };
+                    grads.insert(name, sum);
                 }
                 window.0 += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 window.1 += 1;
@@ -604,12 +597,7 @@ fn restore_best(dir: &Path, method: Method, params: &ParamStore, device: &Device
 }
 
 fn write_log(run_dir: &Path, log: &[LogEntry]) -> Result<()> {
-    let mut text = String::new();
-    for entry in log {
-        text.push_str(&serde_json::to_string(entry)?);
-        text.push('\n');
-    }
-    crate::fsutil::write_atomic(&run_dir.join("log.jsonl"), text.as_bytes())
+    crate::fsutil::write_jsonl_atomic(&run_dir.join("log.jsonl"), log)
 }
 
 /// `id,length[,label],prediction,prob_0..`, one row per record.
