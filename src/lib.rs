@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod fsutil;
 pub mod model;

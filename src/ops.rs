@@ -71,21 +71,72 @@ impl ForwardCtx {
 
 mod fused;
 
-pub use fused::{attention_softmax, gated_gelu, layer_norm};
+thread_local! {
+    static PLAIN_KERNELS: Cell<bool> = const { Cell::new(false) };
+}
 
-/// LayerNorm from plain differentiable ops: the reference the fused kernel is tested against.
-#[cfg(test)]
-pub(crate) fn plain_layer_norm(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
+/// Runs `f` with every fused kernel replaced by its composition of plain candle ops: the
+/// reference the kernels are tested against, down to whole training runs. The switch is per
+/// thread (candle dispatches and differentiates on the calling thread), so tests running side by
+/// side cannot change each other's kernels.
+pub fn with_plain_kernels<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PLAIN_KERNELS.set(self.0);
+        }
+    }
+    let _restore = Restore(PLAIN_KERNELS.replace(true));
+    f()
+}
+
+/// Whether work on `t` takes the fused kernels. They are written for the CPU; other devices
+/// (CUDA) run the plain compositions, which candle provides for every backend.
+pub(crate) fn fused_for(t: &Tensor) -> bool {
+    t.device().is_cpu() && !PLAIN_KERNELS.get()
+}
+
+/// LayerNorm over the last dimension: one fused pass on the CPU.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_for(x) {
+        fused::layer_norm(x, weight, bias, eps)
+    } else {
+        plain_layer_norm(x, weight, bias, eps)
+    }
+}
+
+/// LayerNorm from plain differentiable ops.
+fn plain_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let centred = x.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
     normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// `softmax(scale * scores + bias)` over the last dimension, for attention: `bias` (ALiBi and
+/// the padding mask, no gradient) has the shape of `scores` or of a trailing block of it, e.g.
+/// (H, T, T) for scores (B, H, T, T).
+pub fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if fused_for(scores) {
+        fused::attention_softmax(scores, bias, scale)
+    } else {
+        softmax_last(&(scores * scale)?.broadcast_add(&bias.detach())?)
+    }
+}
+
+/// DNABERT-2's gated MLP activation: exact GELU of the first half of the last dimension times
+/// the second half.
+pub fn gated_gelu(x: &Tensor) -> Result<Tensor> {
+    if fused_for(x) {
+        return fused::gated_gelu(x);
+    }
+    let width = x.dim(D::Minus1)?;
+    if width % 2 != 0 {
+        candle_core::bail!("gated GELU needs an even last dimension, got {width}");
+    }
+    let half = width / 2;
+    x.narrow(D::Minus1, 0, half)?.gelu_erf()? * x.narrow(D::Minus1, half, half)?
 }
 
 /// Softmax over the last dimension (differentiable).
@@ -96,9 +147,12 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// `x @ w^T` for a weight that is not trained.
 ///
 /// candle's matmul backward always computes both operand gradients, which for a frozen base
-/// weight is a full extra GEMM per layer thrown away. Here the product is computed outside the
-/// graph and re-attached to `x` through an op whose backward yields only `grad @ w`.
+/// weight is a full extra GEMM per layer thrown away. On the CPU the product is computed outside
+/// the graph and re-attached to `x` through an op whose backward yields only `grad @ w`.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !fused_for(x) {
+        return x.matmul(&w.t()?);
+    }
     let y = x.detach().matmul(&w.t()?)?;
     if !x.track_op() {
         return Ok(y);

@@ -185,3 +185,56 @@ fn interrupted_lora_run_resumes_to_the_same_metrics() {
     assert_eq!(a["dev_best"], b["dev_best"]);
     assert!(cut.join("best/adapter_config.json").exists());
 }
+
+/// Losses logged at each optimiser step of a short run.
+fn step_losses(run: &Path) -> Vec<f64> {
+    dnatune::eval::read_log(&run.join("log.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            dnatune::eval::LogEntry::Train { loss, .. } => Some(loss),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn fused_kernels_train_like_the_plain_candle_ops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_tiny(&model, "64");
+    for method in [Method::Full, Method::Lora, Method::QloraNf4] {
+        let cfg = |out: &str| TrainConfig {
+            model: model.clone(),
+            data: repo("data/gue-tf0"),
+            out: tmp.path().join(out),
+            method,
+            max_steps: 6,
+            log_every: 1,
+            lr: Some(1e-3),
+            max_train_samples: Some(192),
+            max_length: 48,
+            ..TrainConfig::default()
+        };
+        let fast_cfg = cfg(&format!("fast-{}", method.name()));
+        let plain_cfg = cfg(&format!("plain-{}", method.name()));
+        dnatune::train::run(&fast_cfg, false).unwrap();
+        dnatune::ops::with_plain_kernels(|| dnatune::train::run(&plain_cfg, false)).unwrap();
+        let fast = step_losses(&fast_cfg.out);
+        let plain = step_losses(&plain_cfg.out);
+        assert_eq!(fast.len(), 6, "{method:?}: one loss per step");
+        assert_eq!(fast.len(), plain.len());
+        // The run must move, or equal curves would prove nothing about the backward passes.
+        assert!(
+            fast[0] != fast[5],
+            "{method:?}: loss did not change: {fast:?}"
+        );
+        for (step, (f, p)) in fast.iter().zip(&plain).enumerate() {
+            let rel = (f - p).abs() / p.abs().max(1e-12);
+            assert!(
+                rel < 1e-4,
+                "{method:?} step {step}: fused {f} vs plain {p} (relative {rel:e})"
+            );
+        }
+    }
+}

@@ -26,6 +26,9 @@ struct Cli {
     /// CPU threads for every computation (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Where to compute: cpu (default), cuda or cuda:N (a build with `--features cuda`).
+    #[arg(long, global = true)]
+    device: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -376,6 +379,13 @@ struct BenchArgs {
     /// process, and print their ratios.
     #[arg(long, requires = "memory")]
     all_methods: bool,
+    /// Measure inference (forward passes as `predict` runs them, --steps batches) instead of
+    /// training.
+    #[arg(long, conflicts_with = "memory")]
+    infer: bool,
+    /// Measure the model's tokenizer on the sequences of this CSV/FASTA (--steps rounds).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["memory", "infer"])]
+    tokenize: Option<PathBuf>,
 }
 
 /// Runs the command line and returns the exit status.
@@ -386,15 +396,16 @@ pub fn main() -> i32 {
         eprintln!("error: {e:#}");
         return 1;
     }
+    let device = cli.device.as_deref();
     let result = match cli.command {
-        Command::Quickstart(a) => quickstart(a),
+        Command::Quickstart(a) => quickstart(a, device),
         Command::InitModel(a) => init_model(a),
         Command::PrepareBed(a) => prepare_bed(a),
-        Command::Train(a) => train_cmd(*a),
-        Command::Predict(a) => predict(a),
-        Command::Eval(a) => eval_cmd(a),
-        Command::Bench(a) => bench_cmd(a),
-        Command::Pretrain(a) => pretrain_cmd(*a),
+        Command::Train(a) => train_cmd(*a, device),
+        Command::Predict(a) => predict(a, device),
+        Command::Eval(a) => eval_cmd(a, device),
+        Command::Bench(a) => bench_cmd(a, device),
+        Command::Pretrain(a) => pretrain_cmd(*a, device),
         Command::Merge(a) => merge_cmd(a),
         Command::Inspect(a) => inspect_cmd(a),
         Command::Tokenizer(TokenizerCommand::Train {
@@ -415,13 +426,14 @@ pub fn main() -> i32 {
 /// Training allocates and frees the same large activation buffers every step. glibc's defaults
 /// return them to the kernel (mmap for blocks over 128 KiB, trimming the heap top), so each
 /// step pays for fresh zeroed pages: 10-20 % of a step, measured. Keeping freed memory in the
-/// process avoids that.
+/// process avoids that: blocks up to 256 MiB come from the heap, and the heap is never trimmed
+/// (a 117M-parameter step frees gigabytes at once, so any finite trim threshold is crossed).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator parameters; called before any thread starts.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
 }
@@ -454,7 +466,12 @@ fn bundled(relative: &str) -> Result<PathBuf> {
     bail!("bundled file {relative} not found (run from the dnatune checkout)")
 }
 
-fn quickstart(a: QuickstartArgs) -> Result<()> {
+/// The device `--device` names (the CPU when it is not given).
+fn chosen_device(device: Option<&str>) -> Result<candle_core::Device> {
+    crate::device::parse_device(device.unwrap_or("cpu"))
+}
+
+fn quickstart(a: QuickstartArgs, device: Option<&str>) -> Result<()> {
     let data = bundled("data/gue-tf0")?;
     let model = bundled("models/dnatune-dnabert2-small")?;
     println!(
@@ -472,6 +489,7 @@ fn quickstart(a: QuickstartArgs) -> Result<()> {
         lr: Some(1e-3),
         max_train_samples: Some(a.train_samples),
         max_length: 64,
+        device: device.unwrap_or("cpu").into(),
         ..TrainConfig::default()
     };
     let summary = train::run(&cfg, false)?;
@@ -569,11 +587,12 @@ fn prepare_bed(a: PrepareBedArgs) -> Result<()> {
     Ok(())
 }
 
-fn train_cmd(a: TrainArgs) -> Result<()> {
+fn train_cmd(a: TrainArgs, device: Option<&str>) -> Result<()> {
     if let Some(run_dir) = &a.resume {
         let cfg = train::resume_config(run_dir)?;
         let cfg = TrainConfig {
             out: run_dir.clone(),
+            device: device.map_or(cfg.device, str::to_string),
             ..cfg
         };
         train::run(&cfg, true)?;
@@ -652,6 +671,9 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     if a.max_train_samples.is_some() {
         cfg.max_train_samples = a.max_train_samples;
     }
+    if let Some(d) = device {
+        cfg.device = d.to_string();
+    }
     cfg.reverse_complement |= a.reverse_complement;
     cfg.skip_invalid |= a.skip_invalid;
     match &a.seeds {
@@ -666,17 +688,19 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
 }
 
 /// A model (plus optional adapter) ready for inference, and its tokenizer.
-fn load_for_inference(a: &ModelArgs) -> Result<(model::LoadedModel, Box<dyn Tokenizer>)> {
+fn load_for_inference(
+    a: &ModelArgs,
+    device: &candle_core::Device,
+) -> Result<(model::LoadedModel, Box<dyn Tokenizer>)> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
     if a.max_length < 3 {
         bail!("--max-length must be at least 3 ([CLS], one token, [SEP])");
     }
-    let device = candle_core::Device::Cpu;
     let (tensors, lora) = match &a.adapter {
         Some(dir) => {
-            let ad = adapter::load_adapter(dir, &device)?;
+            let ad = adapter::load_adapter(dir, device)?;
             (Some(ad.tensors), Some(ad.config))
         }
         None => (None, None),
@@ -688,7 +712,7 @@ fn load_for_inference(a: &ModelArgs) -> Result<(model::LoadedModel, Box<dyn Toke
         quantize: a.quantize,
         ..LoadOptions::default()
     };
-    let loaded = model::load_classifier(&a.model, tensors, &opts, &device)?;
+    let loaded = model::load_classifier(&a.model, tensors, &opts, device)?;
     for note in &loaded.notes {
         eprintln!("model: {note}");
     }
@@ -715,8 +739,9 @@ fn report_skipped(ds: &data::Dataset, path: &Path) {
     }
 }
 
-fn predict(a: PredictArgs) -> Result<()> {
-    let (loaded, tokenizer) = load_for_inference(&a.model)?;
+fn predict(a: PredictArgs, device: Option<&str>) -> Result<()> {
+    let device = chosen_device(device)?;
+    let (loaded, tokenizer) = load_for_inference(&a.model, &device)?;
     let ds = data::read_records(&a.input, &read_opts(&a.model, LabelPolicy::Optional))?;
     report_skipped(&ds, &a.input);
     let ids = train::encode_all(&ds.records, tokenizer.as_ref(), a.model.max_length);
@@ -726,7 +751,7 @@ fn predict(a: PredictArgs) -> Result<()> {
         &ids,
         tokenizer.special_tokens().pad,
         a.model.batch_size,
-        &candle_core::Device::Cpu,
+        &device,
         Some(&bar),
     )?;
     bar.finish_and_clear();
@@ -739,8 +764,9 @@ fn predict(a: PredictArgs) -> Result<()> {
     Ok(())
 }
 
-fn eval_cmd(a: EvalArgs) -> Result<()> {
-    let (loaded, tokenizer) = load_for_inference(&a.model)?;
+fn eval_cmd(a: EvalArgs, device: Option<&str>) -> Result<()> {
+    let device = chosen_device(device)?;
+    let (loaded, tokenizer) = load_for_inference(&a.model, &device)?;
     let ds = data::read_records(&a.data, &read_opts(&a.model, LabelPolicy::Required))?;
     report_skipped(&ds, &a.data);
     let ids = train::encode_all(&ds.records, tokenizer.as_ref(), a.model.max_length);
@@ -764,7 +790,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         &labels,
         tokenizer.special_tokens().pad,
         a.model.batch_size,
-        &candle_core::Device::Cpu,
+        &device,
     )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&metrics)?);
@@ -780,21 +806,36 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_cmd(a: BenchArgs) -> Result<()> {
+fn bench_cmd(a: BenchArgs, device: Option<&str>) -> Result<()> {
     if a.batch_size == 0 || a.seq_len < 3 || a.steps == 0 {
         bail!("bench needs --batch-size >= 1, --seq-len >= 3 and --steps >= 1");
     }
-    if a.memory {
-        return bench_memory_cmd(&a);
+    if let Some(path) = &a.tokenize {
+        return bench_tokenize_cmd(&a, path);
     }
-    let r = bench::bench(
-        &a.model,
-        a.method,
-        a.batch_size,
-        a.seq_len,
-        a.warmup,
-        a.steps,
-    )?;
+    let device = chosen_device(device)?;
+    let spec = bench::BenchSpec {
+        model_dir: &a.model,
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        device: &device,
+    };
+    if a.memory {
+        return bench_memory_cmd(&a, &spec);
+    }
+    if a.infer {
+        let r = bench::bench_inference(&spec, a.warmup, a.steps)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "inference, batch {} x {} tokens, {} threads: {:.3} s/batch, {:.1} sequences/s",
+                r.batch_size, r.seq_len, r.threads, r.seconds_per_batch, r.infer_seq_per_s
+            );
+        }
+        return Ok(());
+    }
+    let r = bench::bench(&spec, a.method, a.warmup, a.steps)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -807,7 +848,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn pretrain_cmd(a: PretrainArgs) -> Result<()> {
+fn pretrain_cmd(a: PretrainArgs, device: Option<&str>) -> Result<()> {
     use crate::pretrain::{self, PretrainConfig};
     if let Some(dir) = &a.resume {
         let path = dir.join("pretrain.toml");
@@ -818,6 +859,9 @@ fn pretrain_cmd(a: PretrainArgs) -> Result<()> {
         cfg.out = dir.clone();
         if let Some(m) = a.time_limit_minutes {
             cfg.time_limit_minutes = m;
+        }
+        if let Some(d) = device {
+            cfg.device = d.to_string();
         }
         pretrain::run(&cfg, true)?;
         return Ok(());
@@ -851,6 +895,9 @@ fn pretrain_cmd(a: PretrainArgs) -> Result<()> {
         checkpoint_every,
         seed
     );
+    if let Some(d) = device {
+        cfg.device = d.to_string();
+    }
     if cfg.model.as_os_str().is_empty() || cfg.corpus.as_os_str().is_empty() {
         bail!("pretrain needs --model DIR and --corpus FILE");
     }
@@ -902,7 +949,30 @@ fn inspect_cmd(a: InspectArgs) -> Result<()> {
 
 /// `bench --memory`: one method in this process, or (`--all-methods`) each method in a child
 /// process of this same binary, so that one method's peak cannot hide in another's.
-fn bench_memory_cmd(a: &BenchArgs) -> Result<()> {
+fn bench_tokenize_cmd(a: &BenchArgs, path: &Path) -> Result<()> {
+    let opts = ReadOptions {
+        sequence_column: "sequence".into(),
+        label_column: "label".into(),
+        skip_invalid: false,
+        labels: LabelPolicy::Optional,
+    };
+    let ds = data::read_records(path, &opts)?;
+    if ds.records.is_empty() {
+        bail!("{}: no sequences to tokenize", path.display());
+    }
+    let r = bench::bench_tokenize(&a.model, &ds.records, a.steps)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "tokenization of {} sequences ({:.1} tokens each), {} threads: {:.0} sequences/s",
+            r.sequences, r.tokens_per_sequence, r.threads, r.tokenize_seq_per_s
+        );
+    }
+    Ok(())
+}
+
+fn bench_memory_cmd(a: &BenchArgs, spec: &bench::BenchSpec) -> Result<()> {
     let results = if a.all_methods {
         let exe = std::env::current_exe().context("cannot locate the dnatune executable")?;
         let mut out = Vec::new();
@@ -945,13 +1015,7 @@ fn bench_memory_cmd(a: &BenchArgs) -> Result<()> {
         }
         out
     } else {
-        vec![bench::bench_memory(
-            &a.model,
-            a.method,
-            a.batch_size,
-            a.seq_len,
-            a.steps,
-        )?]
+        vec![bench::bench_memory(spec, a.method, a.steps)?]
     };
     if a.json {
         for r in &results {

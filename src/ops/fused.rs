@@ -171,7 +171,7 @@ impl CustomOp3 for LayerNormOp {
 }
 
 /// LayerNorm over the last dimension in one pass (with a one-pass backward).
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+pub(super) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op3(weight, bias, LayerNormOp { eps })
 }
 
@@ -308,7 +308,7 @@ impl CustomOp2 for AttentionSoftmax {
 /// `softmax(scale * scores + bias)` over the last dimension. `bias` must tile `scores` along
 /// leading dimensions: the same shape, or a trailing block of it that repeats (e.g. (H, T, T)
 /// for scores (B, H, T, T)). The bias gets no gradient.
-pub fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+pub(super) fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let (n, p) = (scores.elem_count(), bias.elem_count());
     if p == 0 || n % p != 0 || last_dim(scores.shape()) != last_dim(bias.shape()) {
         candle_core::bail!(
@@ -317,9 +317,11 @@ pub fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<T
             scores.dims()
         );
     }
+    // Detached: a bias computed from tracked tensors would otherwise be a graph node that never
+    // receives the gradient candle's backward pass expects of it.
     scores
         .contiguous()?
-        .apply_op2(&bias.contiguous()?, AttentionSoftmax { scale })
+        .apply_op2(&bias.detach().contiguous()?, AttentionSoftmax { scale })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -404,7 +406,7 @@ impl CustomOp1 for GatedGelu {
 
 /// DNABERT-2's gated MLP activation: exact GELU of the first half of the last dimension times
 /// the second half.
-pub fn gated_gelu(x: &Tensor) -> Result<Tensor> {
+pub(super) fn gated_gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(GatedGelu)
 }
 
@@ -412,7 +414,7 @@ pub fn gated_gelu(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::Initializer;
-    use candle_core::{Device, Var, D};
+    use candle_core::{Device, Var};
 
     fn random(init: &mut Initializer, dims: &[usize], std: f64) -> Var {
         let n = dims.iter().product();
@@ -469,9 +471,14 @@ mod tests {
             let w = random(&mut init, &[h], 1.0);
             let b = random(&mut init, &[h], 1.0);
             let fused = layer_norm(&x, &w, &b, 1e-12).unwrap();
-            let plain = crate::ops::plain_layer_norm(&x, &w, &b, 1e-12).unwrap();
-            compare(&fused, &plain, &[&x, &w, &b], 1e-9);
+            let reference = plain(|| crate::ops::layer_norm(&x, &w, &b, 1e-12)).unwrap();
+            compare(&fused, &reference, &[&x, &w, &b], 1e-9);
         }
+    }
+
+    /// The composition the other devices run, through the public entry point.
+    fn plain<R>(f: impl FnOnce() -> R) -> R {
+        crate::ops::with_plain_kernels(f)
     }
 
     #[test]
@@ -480,33 +487,43 @@ mod tests {
         for (b, h, t) in [(2usize, 3usize, 5usize), (1, 1, 1), (3, 2, 17)] {
             let s = random(&mut init, &[b, h, t, t], 1.5);
             let full = random(&mut init, &[b, h, t, t], 1.0);
-            let plain = candle_nn::ops::softmax(
-                &(s.as_tensor() * 0.3).unwrap().broadcast_add(&full).unwrap(),
-                D::Minus1,
-            )
-            .unwrap();
+            let reference = plain(|| crate::ops::attention_softmax(&s, &full, 0.3)).unwrap();
             compare(
                 &attention_softmax(&s, full.as_tensor(), 0.3).unwrap(),
-                &plain,
+                &reference,
                 &[&s],
                 1e-9,
             );
             // A bias shared over the batch (ALiBi without padding) tiles the scores.
             let shared = random(&mut init, &[h, t, t], 1.0);
-            let plain = candle_nn::ops::softmax(
-                &(s.as_tensor() * 0.3)
-                    .unwrap()
-                    .broadcast_add(&shared.unsqueeze(0).unwrap())
-                    .unwrap(),
-                D::Minus1,
-            )
-            .unwrap();
+            let reference = plain(|| crate::ops::attention_softmax(&s, &shared, 0.3)).unwrap();
             compare(
                 &attention_softmax(&s, shared.as_tensor(), 0.3).unwrap(),
-                &plain,
+                &reference,
                 &[&s],
                 1e-9,
             );
+            // Padding: the last keys of every sequence but the first masked out as the encoders
+            // do it (a large negative bias); their probabilities must vanish.
+            let mut mask = vec![0f64; b * h * t * t];
+            for (i, v) in mask.iter_mut().enumerate() {
+                let (seq, key) = (i / (h * t * t), i % t);
+                if seq > 0 && key + seq >= t && key > 0 {
+                    *v = -10000.0;
+                }
+            }
+            let padded = Tensor::from_vec(mask, (b, h, t, t), &Device::Cpu).unwrap();
+            let padded = padded.broadcast_add(shared.as_tensor()).unwrap();
+            let fused = attention_softmax(&s, &padded, 0.3).unwrap();
+            let reference = plain(|| crate::ops::attention_softmax(&s, &padded, 0.3)).unwrap();
+            compare(&fused, &reference, &[&s], 1e-9);
+            let probs: Vec<f64> = fused.flatten_all().unwrap().to_vec1().unwrap();
+            for (i, p) in probs.iter().enumerate() {
+                let (seq, key) = (i / (h * t * t), i % t);
+                if seq > 0 && key + seq >= t && key > 0 {
+                    assert!(*p < 1e-100, "masked key kept probability {p}");
+                }
+            }
         }
         let s = Tensor::zeros((2, 4), DType::F64, &Device::Cpu).unwrap();
         let wrong = Tensor::zeros((3,), DType::F64, &Device::Cpu).unwrap();
@@ -518,15 +535,33 @@ mod tests {
         let mut init = Initializer::new(3);
         for dims in [[2usize, 3, 8], [1, 1, 2], [5, 7, 66]] {
             let x = random(&mut init, &dims, 2.0);
-            let half = dims[2] / 2;
-            let plain = (x.narrow(2, 0, half).unwrap().gelu_erf().unwrap()
-                * x.narrow(2, half, half).unwrap())
-            .unwrap();
+            let reference = plain(|| crate::ops::gated_gelu(&x)).unwrap();
             // candle's GELU backward uses 1/sqrt(2 pi) rounded to 0.398942 (relative error 1e-6);
             // the fused kernel is exact, and the model's finite-difference test checks it.
-            compare(&gated_gelu(&x).unwrap(), &plain, &[&x], 1e-5);
+            compare(&gated_gelu(&x).unwrap(), &reference, &[&x], 1e-5);
         }
         let odd = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
         assert!(gated_gelu(&odd).is_err());
+        assert!(plain(|| crate::ops::gated_gelu(&odd)).is_err());
+    }
+
+    #[test]
+    fn public_entry_points_take_the_fused_kernels_on_the_cpu() {
+        let mut init = Initializer::new(4);
+        let x = random(&mut init, &[2, 3, 6], 1.0);
+        let w = random(&mut init, &[6], 1.0);
+        let b = random(&mut init, &[6], 1.0);
+        // The fused ops are single graph nodes; the plain ones are chains of broadcasts, so
+        // their outputs differ in the last bits. Equality to the fused output shows the dispatch.
+        let via_ops = crate::ops::layer_norm(&x, &w, &b, 1e-5).unwrap();
+        let fused = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        assert_eq!(max_diff(&via_ops, &fused), 0.0);
+        let via_ops = crate::ops::gated_gelu(&x).unwrap();
+        assert_eq!(max_diff(&via_ops, &gated_gelu(&x).unwrap()), 0.0);
+        assert!(plain(|| !crate::ops::fused_for(&x)));
+        assert!(
+            crate::ops::fused_for(&x),
+            "the switch must reset after the scope"
+        );
     }
 }

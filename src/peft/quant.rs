@@ -347,6 +347,10 @@ pub fn quantized_bytes(kind: QuantKind, rows: usize, cols: usize) -> usize {
 
 /// `x @ W^T` for x (n, in) and a quantized W (out, in), differentiable in `x` only.
 pub fn quantized_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> candle_core::Result<Tensor> {
+    if !crate::ops::fused_for(x) {
+        // The plain composition (and the only path off the CPU): the whole weight dequantized.
+        return x.matmul(&w.tile(0, w.rows, x)?.t()?);
+    }
     if !x.track_op() {
         return w.matmul_t(x);
     }
@@ -590,7 +594,10 @@ mod tests {
                 let x = Var::from_vec(init.normal(n * cols, 1.0), (n, cols), &dev).unwrap();
                 let y = quantized_matmul(x.as_tensor(), &q).unwrap();
                 let want = x.matmul(&dense.t().unwrap()).unwrap();
+                let plain =
+                    crate::ops::with_plain_kernels(|| quantized_matmul(x.as_tensor(), &q)).unwrap();
                 assert_eq!(y.dims(), &[n, rows]);
+                assert!(max_abs_diff(&plain, &want) < 1e-6, "plain path {kind}");
                 let tol = 1e-5 * (cols as f32).sqrt();
                 assert!(max_abs_diff(&y, &want) < tol, "{kind} {n}x{rows}x{cols}");
                 let g = Tensor::from_vec(init.normal(n * rows, 1.0), (n, rows), &dev).unwrap();

@@ -52,6 +52,8 @@ pub struct PretrainConfig {
     pub eval_every: usize,
     pub checkpoint_every: usize,
     pub log_every: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
 }
 
 impl Default for PretrainConfig {
@@ -76,6 +78,7 @@ impl Default for PretrainConfig {
             eval_every: 500,
             checkpoint_every: 500,
             log_every: 20,
+            device: "cpu".into(),
         }
     }
 }
@@ -198,7 +201,7 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
     if cfg.batch_size == 0 || cfg.seq_len < 8 || cfg.max_steps == 0 {
         bail!("batch_size and max_steps must be positive and seq_len at least 8");
     }
-    let device = Device::Cpu;
+    let device = crate::device::parse_device(&cfg.device)?;
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("cannot create {}", cfg.out.display()))?;
@@ -436,9 +439,10 @@ fn load_checkpoint(out: &Path, params: &ParamStore, opt: &mut AdamW) -> Result<P
     let (weights, _) = checkpoint::load_weights(&out.join("model"), &Device::Cpu)?;
     for (name, var) in params.trainable() {
         var.set(
-            weights
+            &weights
                 .get(name)
-                .with_context(|| format!("saved model lacks `{name}`"))?,
+                .with_context(|| format!("saved model lacks `{name}`"))?
+                .to_device(var.device())?,
         )?;
     }
     let opt_state =

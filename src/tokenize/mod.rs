@@ -147,7 +147,7 @@ fn wrap_ids(
     match max_len {
         Some(n) if n < 2 => [specials.cls, specials.sep][..n].to_vec(),
         Some(n) => {
-            let mut ids = Vec::with_capacity(n);
+            let mut ids = Vec::with_capacity(n.min(body.size_hint().0 + 2));
             ids.push(specials.cls);
             ids.extend(body.take(n - 2));
             ids.push(specials.sep);

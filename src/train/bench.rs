@@ -35,15 +35,18 @@ pub struct BenchResult {
 }
 
 /// Times `steps` training steps after `warmup` untimed ones.
-pub fn bench(
-    model_dir: &Path,
-    method: Method,
-    batch_size: usize,
-    seq_len: usize,
-    warmup: usize,
-    steps: usize,
-) -> Result<BenchResult> {
-    let mut run = Runner::new(model_dir, method, batch_size, seq_len)?;
+/// What a measurement runs on: a model directory, a batch of `batch_size` random sequences of
+/// `seq_len` tokens, and the device.
+pub struct BenchSpec<'a> {
+    pub model_dir: &'a Path,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub device: &'a Device,
+}
+
+pub fn bench(spec: &BenchSpec, method: Method, warmup: usize, steps: usize) -> Result<BenchResult> {
+    let (batch_size, seq_len) = (spec.batch_size, spec.seq_len);
+    let mut run = Runner::new(spec, method)?;
     let mut phases = [0f64; 3];
     for s in 0..warmup {
         run.step(s, &mut [0.0; 3])?;
@@ -82,8 +85,8 @@ struct Runner {
 }
 
 impl Runner {
-    fn new(model_dir: &Path, method: Method, batch_size: usize, seq_len: usize) -> Result<Self> {
-        let device = Device::Cpu;
+    fn new(spec: &BenchSpec, method: Method) -> Result<Self> {
+        let (batch_size, device) = (spec.batch_size, spec.device);
         let opts = LoadOptions {
             num_labels: Some(2),
             trainable: if method.uses_adapters() {
@@ -97,16 +100,10 @@ impl Runner {
             quantize: method.quantize(),
             ..LoadOptions::default()
         };
-        let loaded = model::load_classifier(model_dir, None, &opts, &device)?;
-        let vocab = loaded.config.vocab_size as u32;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let ids: Vec<u32> = (0..batch_size * seq_len)
-            .map(|_| rng.random_range(5..vocab.max(6)))
-            .collect();
-        let ids = Tensor::from_vec(ids, (batch_size, seq_len), &device)?;
-        let mask = Tensor::ones((batch_size, seq_len), candle_core::DType::U32, &device)?;
+        let loaded = model::load_classifier(spec.model_dir, None, &opts, device)?;
+        let (ids, mask) = random_batch(loaded.config.vocab_size, spec)?;
         let labels: Vec<u32> = (0..batch_size).map(|i| (i % 2) as u32).collect();
-        let labels = Tensor::from_vec(labels, batch_size, &device)?;
+        let labels = Tensor::from_vec(labels, batch_size, device)?;
         let opt = AdamW::new(loaded.params.trainable(), 0.9, 0.999, 1e-8, 0.01)?;
         Ok(Runner {
             loaded,
@@ -124,18 +121,118 @@ impl Runner {
         let ctx = ForwardCtx::train(s as u64);
         let logits = self.loaded.model.forward(&self.ids, &self.mask, &ctx)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &self.labels)?;
+        // GPU work is asynchronous: wait for it so each phase is charged its own time.
+        let device = self.ids.device();
+        device.synchronize()?;
         let t1 = Instant::now();
         let store = loss.backward()?;
         let grads = self.loaded.params.gradients(&store);
         drop(store);
+        device.synchronize()?;
         let t2 = Instant::now();
         self.opt.step(&grads, 1e-4)?;
+        device.synchronize()?;
         let t3 = Instant::now();
         for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
             *p += d.as_secs_f64();
         }
         Ok(grads.values().map(tensor_bytes).sum())
     }
+}
+
+/// Token ids drawn uniformly from the non-special part of the vocabulary, no padding.
+fn random_batch(vocab: usize, spec: &BenchSpec) -> Result<(Tensor, Tensor)> {
+    let (batch_size, seq_len, device) = (spec.batch_size, spec.seq_len, spec.device);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let ids: Vec<u32> = (0..batch_size * seq_len)
+        .map(|_| rng.random_range(5..(vocab as u32).max(6)))
+        .collect();
+    let ids = Tensor::from_vec(ids, (batch_size, seq_len), device)?;
+    let mask = Tensor::ones((batch_size, seq_len), candle_core::DType::U32, device)?;
+    Ok((ids, mask))
+}
+
+/// Inference throughput: forward passes as `predict` runs them (frozen weights, no graph,
+/// no dropout), class probabilities copied back to the host.
+#[derive(Debug, Serialize)]
+pub struct InferenceResult {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub threads: usize,
+    pub batches: usize,
+    pub seconds_per_batch: f64,
+    pub infer_seq_per_s: f64,
+}
+
+pub fn bench_inference(spec: &BenchSpec, warmup: usize, batches: usize) -> Result<InferenceResult> {
+    let opts = LoadOptions {
+        num_labels: Some(2),
+        trainable: Trainable::Nothing,
+        ..LoadOptions::default()
+    };
+    let loaded = model::load_classifier(spec.model_dir, None, &opts, spec.device)?;
+    let (ids, mask) = random_batch(loaded.config.vocab_size, spec)?;
+    let ctx = ForwardCtx::eval();
+    let forward = || -> Result<Vec<Vec<f32>>> {
+        let logits = loaded.model.forward(&ids, &mask, &ctx)?;
+        Ok(crate::ops::softmax_last(&logits)?.to_vec2()?)
+    };
+    for _ in 0..warmup {
+        forward()?;
+    }
+    let start = Instant::now();
+    for _ in 0..batches {
+        forward()?;
+    }
+    let secs = start.elapsed().as_secs_f64() / batches.max(1) as f64;
+    Ok(InferenceResult {
+        batch_size: spec.batch_size,
+        seq_len: spec.seq_len,
+        threads: candle_core::utils::get_num_threads(),
+        batches,
+        seconds_per_batch: secs,
+        infer_seq_per_s: spec.batch_size as f64 / secs,
+    })
+}
+
+/// Tokenization throughput of a model's tokenizer over real sequences.
+#[derive(Debug, Serialize)]
+pub struct TokenizeResult {
+    pub sequences: usize,
+    pub rounds: usize,
+    pub threads: usize,
+    pub tokens_per_sequence: f64,
+    pub tokenize_seq_per_s: f64,
+}
+
+/// Encodes `sequences` (untruncated, in parallel over sequences as training and `predict` do)
+/// `rounds` times after one warm-up round.
+pub fn bench_tokenize(
+    model_dir: &Path,
+    sequences: &[crate::data::Record],
+    rounds: usize,
+) -> Result<TokenizeResult> {
+    use rayon::prelude::*;
+    let tokenizer = crate::tokenize::load_tokenizer(model_dir)?;
+    let encode = || -> Vec<Vec<u32>> {
+        sequences
+            .par_iter()
+            .map(|r| tokenizer.encode(&r.seq, None))
+            .collect()
+    };
+    let tokens: usize = encode().iter().map(Vec::len).sum();
+    let start = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(encode());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(TokenizeResult {
+        sequences: sequences.len(),
+        rounds,
+        threads: rayon::current_num_threads(),
+        tokens_per_sequence: tokens as f64 / sequences.len().max(1) as f64,
+        tokenize_seq_per_s: (sequences.len() * rounds) as f64 / secs,
+    })
 }
 
 fn tensor_bytes(t: &Tensor) -> usize {
@@ -191,14 +288,9 @@ fn reset_peak_rss() -> bool {
 
 /// Loads the model for `method`, runs `steps` training steps and reports memory. Run it in a
 /// process of its own (the CLI re-invokes itself per method) so that peaks do not mix.
-pub fn bench_memory(
-    model_dir: &Path,
-    method: Method,
-    batch_size: usize,
-    seq_len: usize,
-    steps: usize,
-) -> Result<MemoryResult> {
-    let mut run = Runner::new(model_dir, method, batch_size, seq_len)?;
+pub fn bench_memory(spec: &BenchSpec, method: Method, steps: usize) -> Result<MemoryResult> {
+    let (batch_size, seq_len) = (spec.batch_size, spec.seq_len);
+    let mut run = Runner::new(spec, method)?;
     let rss_after_load_bytes = proc_status_bytes("VmRSS");
     let load_peak = proc_status_bytes("VmHWM");
     let peak_reset = reset_peak_rss();

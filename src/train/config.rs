@@ -179,6 +179,8 @@ pub struct TrainConfig {
     pub skip_invalid: bool,
     pub split: SplitSettings,
     pub lora: LoraSettings,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
 }
 
 impl Default for TrainConfig {
@@ -220,6 +222,7 @@ impl Default for TrainConfig {
             skip_invalid: false,
             split: SplitSettings::default(),
             lora: LoraSettings::default(),
+            device: "cpu".into(),
         }
     }
 }

@@ -30,10 +30,11 @@ use optim::{clip_grad_norm, learning_rate, AdamW};
 pub(crate) use state::replace_dir;
 use state::RunState;
 
-/// Token ids of every record, truncated to `max_len`.
+/// Token ids of every record, truncated to `max_len`; records are encoded in parallel.
 pub fn encode_all(records: &[Record], tokenizer: &dyn Tokenizer, max_len: usize) -> Vec<Vec<u32>> {
+    use rayon::prelude::*;
     records
-        .iter()
+        .par_iter()
         .map(|r| tokenizer.encode(&r.seq, Some(max_len)))
         .collect()
 }
@@ -152,7 +153,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     let run_dir = cfg.out.clone();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    let device = Device::Cpu;
+    let device = crate::device::parse_device(&cfg.device)?;
 
     // Data.
     let read_opts = data::ReadOptions {
@@ -591,7 +592,7 @@ fn restore_best(dir: &Path, method: Method, params: &ParamStore, device: &Device
         let t = tensors
             .get(name)
             .with_context(|| format!("best checkpoint {} lacks `{name}`", dir.display()))?;
-        var.set(t)?;
+        var.set(&t.to_device(var.device())?)?;
     }
     Ok(())
 }

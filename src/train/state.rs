@@ -89,6 +89,7 @@ pub fn load_checkpoint(
         .with_context(|| format!("{} is corrupt", dir.join("state.json").display()))?;
     let t = raw["optimizer_steps"].as_u64().unwrap_or(0) as usize;
     let state: RunState = serde_json::from_value(raw)?;
+    // Loaded to the CPU; each tensor moves to its parameter's device (the optimizer's too).
     let device = Device::Cpu;
     let tensors = candle_core::safetensors::load(dir.join("trainable.safetensors"), &device)?;
     for (name, var) in params.trainable() {
@@ -102,7 +103,7 @@ pub fn load_checkpoint(
                 var.dims()
             );
         }
-        var.set(saved)?;
+        var.set(&saved.to_device(var.device())?)?;
     }
     let opt_state = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
     opt.load_state(&opt_state, t)?;
