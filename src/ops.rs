@@ -37,36 +37,48 @@ impl ForwardCtx {
         }
     }
 
-    fn next_u64(&self) -> u64 {
-        let s = self.state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-        self.state.set(s);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by 1/(1-p).
     pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        use rayon::prelude::*;
         if !self.train || p <= 0.0 {
             return Ok(x.clone());
         }
         let keep = 1.0 - p;
         let scale = (1.0 / keep) as f32;
-        // Each 64-bit draw decides two elements from 32 bits each.
         let threshold = (keep * 4_294_967_296.0) as u64;
         let n = x.elem_count();
-        let mut mask = Vec::with_capacity(n + 1);
-        while mask.len() < n {
-            let r = self.next_u64();
-            for half in [r & 0xFFFF_FFFF, r >> 32] {
-                mask.push(if half < threshold { scale } else { 0.0 });
+        // SplitMix64 is counter-based: draw k is mix(state + (k + 1) * gamma), so chunks of
+        // the mask are filled in parallel and the masks do not depend on the thread count.
+        // Each 64-bit draw decides two elements from 32 bits each.
+        let start = self.state.get();
+        let draws = n.div_ceil(2) as u64;
+        self.state
+            .set(start.wrapping_add(draws.wrapping_mul(SPLITMIX_GAMMA)));
+        let mut mask = vec![0f32; n];
+        const CHUNK: usize = 1 << 14;
+        mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let first_draw = (c * CHUNK / 2) as u64;
+            for (i, pair) in out.chunks_mut(2).enumerate() {
+                let counter =
+                    start.wrapping_add((first_draw + i as u64 + 1).wrapping_mul(SPLITMIX_GAMMA));
+                let r = splitmix_mix(counter);
+                for (m, half) in pair.iter_mut().zip([r & 0xFFFF_FFFF, r >> 32]) {
+                    *m = if half < threshold { scale } else { 0.0 };
+                }
             }
-        }
-        mask.truncate(n);
+        });
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }
+}
+
+const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function.
+fn splitmix_mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 mod fused;
@@ -316,6 +328,49 @@ mod tests {
             g_frozen.get(&w).is_none(),
             "frozen weight received a gradient"
         );
+    }
+
+    /// The masks equal SplitMix64's sequential stream (two elements per draw), whatever the
+    /// number of threads filling them, and a second call continues the stream.
+    #[test]
+    fn dropout_masks_follow_the_sequential_generator_on_any_thread_count() {
+        let n = 40_001; // odd, and more than two parallel chunks
+        let (seed, p) = (77u64, 0.25);
+        let mut state = seed;
+        let mut sequential = || {
+            state = state.wrapping_add(SPLITMIX_GAMMA);
+            splitmix_mix(state)
+        };
+        let threshold = (0.75 * 4_294_967_296.0) as u64;
+        let mut expected = Vec::new();
+        for _ in 0..2 {
+            let mut one = Vec::new();
+            while one.len() < n {
+                let r = sequential();
+                one.extend([r & 0xFFFF_FFFF, r >> 32].map(|h| (h < threshold) as u8 as f32 / 0.75));
+            }
+            one.truncate(n);
+            expected.push(one);
+        }
+        let x = Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let masks: Vec<Vec<f32>> = pool.install(|| {
+                let ctx = ForwardCtx::train(seed);
+                (0..2)
+                    .map(|_| ctx.dropout(&x, p).unwrap().to_vec1().unwrap())
+                    .collect()
+            });
+            for (got, want) in masks.iter().zip(&expected) {
+                assert!(
+                    got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
+                    "{threads} threads"
+                );
+            }
+        }
     }
 
     #[test]

@@ -163,6 +163,29 @@ fn check_gradient(var: &Var, loss: &dyn Fn() -> Tensor, entries: &[usize], what:
     }
 }
 
+/// An f64 tensor of normal samples.
+fn normal_f64(init: &mut Initializer, dims: &[usize], std: f64) -> Tensor {
+    let n = dims.iter().product();
+    Tensor::from_vec(init.normal(n, std), dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+}
+
+/// The largest absolute difference between two f64 tensors.
+fn max_tensor_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 #[test]
 fn lora_linear_gradients_match_finite_differences() {
     let dev = Device::Cpu;
@@ -181,25 +204,9 @@ fn lora_linear_gradients_match_finite_differences() {
     let var = |n: &str| params.entries[n].var.clone().unwrap();
     let b_var = var("proj.lora_B.weight");
     let mut init = Initializer::new(9);
-    b_var
-        .set(
-            &Tensor::from_vec(init.normal(12, 0.5), (4, 3), &dev)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap(),
-        )
-        .unwrap();
-    let x = Var::from_tensor(
-        &Tensor::from_vec(init.normal(2 * 3 * 5, 1.0), (2, 3, 5), &dev)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap(),
-    )
-    .unwrap();
-    let w = Tensor::from_vec(init.normal(2 * 3 * 4, 1.0), (2, 3, 4), &dev)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
+    b_var.set(&normal_f64(&mut init, &[4, 3], 0.5)).unwrap();
+    let x = Var::from_tensor(&normal_f64(&mut init, &[2, 3, 5], 1.0)).unwrap();
+    let w = normal_f64(&mut init, &[2, 3, 4], 1.0);
     let loss = || {
         layer
             .forward(&x, &ForwardCtx::eval())
@@ -405,4 +412,60 @@ fn class_count_mismatch_with_checkpoint_head_is_an_error() {
         .err()
         .unwrap();
     assert!(format!("{err:#}").contains("classifier.weight"));
+}
+
+/// The q/k/v split of DNABERT-2's fused projection: blocks computed as separate products equal
+/// the fused product cut into blocks, in values and in every gradient (input, LoRA A and B, and
+/// the weight itself when it trains).
+#[test]
+fn split_linear_equals_the_fused_product_cut_into_blocks() {
+    let dev = Device::Cpu;
+    for trainable in [Trainable::All, Trainable::AdaptersAndHead] {
+        let lora = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: vec!["Wqkv".into()],
+        };
+        let mut b = ParamBuilder::new(HashMap::new(), trainable, 3, Box::new(|_| true), &dev)
+            .with_dtype(DType::F64)
+            .with_lora(Some(lora));
+        let layer = Linear::build(&mut b, "Wqkv", 5, 9, true, 0.5).unwrap();
+        let (params, _) = b.finish().unwrap();
+        let mut init = Initializer::new(4);
+        let b_var = params.entries["Wqkv.lora_B.weight"].var.clone().unwrap();
+        b_var.set(&normal_f64(&mut init, &[9, 2], 0.5)).unwrap();
+        let x = Var::from_tensor(&normal_f64(&mut init, &[2, 3, 5], 1.0)).unwrap();
+        let ctx = ForwardCtx::eval();
+        let fused = layer.forward(&x, &ctx).unwrap();
+        let split = Tensor::cat(&layer.forward_split(&x, &ctx, 3).unwrap(), 2).unwrap();
+        let weights = normal_f64(&mut init, &[2, 3, 9], 1.0);
+        assert!(max_tensor_diff(&fused, &split) < 1e-12);
+        let g_fused = (&fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_split = (&split * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut checked = vec![x.as_tensor().clone()];
+        checked.extend(params.trainable().map(|(_, v)| v.as_tensor().clone()));
+        assert!(checked.len() >= 3, "x, lora A and B at least");
+        for t in &checked {
+            let (a, b) = (g_fused.get(t).unwrap(), g_split.get(t).unwrap());
+            assert!(
+                max_tensor_diff(a, b) < 1e-12,
+                "{trainable:?}: gradients differ"
+            );
+        }
+        assert!(
+            layer.forward_split(&x, &ctx, 2).is_err(),
+            "9 features do not split in 2"
+        );
+    }
 }

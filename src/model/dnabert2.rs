@@ -120,14 +120,11 @@ impl Dnabert2Encoder {
         let bias = self.attention_bias(mask, t, x.dtype())?;
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
-            let qkv = layer.wqkv.forward(&x, ctx)?;
-            let split = |k: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(2, k * h, h)?
-                    .reshape((b, t, nh, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
+            let heads = |part: &Tensor| -> candle_core::Result<Tensor> {
+                part.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()
             };
-            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let qkv = layer.wqkv.forward_split(&x, ctx, 3)?;
+            let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
             let probs = attention_softmax(&q.matmul(&k.t()?)?, &bias, scale)?;
             let probs = ctx.dropout(&probs, self.attention_dropout)?;
             let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;

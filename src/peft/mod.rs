@@ -12,7 +12,7 @@ pub mod quant;
 use std::sync::Arc;
 
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use crate::model::params::{Init, ParamBuilder};
 use crate::ops::{frozen_matmul, ForwardCtx};
@@ -124,24 +124,72 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let mut parts = self.forward_split(x, ctx, 1)?;
+        Ok(parts.pop().expect("one part"))
+    }
+
+    /// Output features (rows of W).
+    pub fn out_dim(&self) -> usize {
+        match &self.base {
+            LinearBase::Dense(w) => w.dims()[0],
+            LinearBase::Quantized(q) => q.shape().0,
+        }
+    }
+
+    /// `forward` with the output features cut into `parts` equal blocks (DNABERT-2's fused
+    /// `Wqkv` into q, k and v). Each block is its own product with a row block of W, so the
+    /// backward pass adds `parts` input gradients of the block width instead of padding each
+    /// block's gradient back to the fused width (what `narrow` on the output costs: a zero
+    /// fill, a concatenation and a full-width add per block).
+    pub fn forward_split(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardCtx,
+        parts: usize,
+    ) -> candle_core::Result<Vec<Tensor>> {
+        let out_dim = self.out_dim();
+        if parts == 0 || !out_dim.is_multiple_of(parts) {
+            candle_core::bail!("cannot split {out_dim} output features into {parts} blocks");
+        }
+        let width = out_dim / parts;
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let x2 = x.reshape(((), in_dim))?;
-        let mut y = match &self.base {
-            LinearBase::Dense(w) if w.is_variable() => x2.matmul(&w.t()?)?,
-            LinearBase::Dense(w) => frozen_matmul(&x2, w)?,
-            LinearBase::Quantized(q) => quant::quantized_matmul(&x2, q)?,
+        // Shared by every block: the adapter's low-rank input, and a quantized base's product
+        // (its tiles are dequantized once for the whole width).
+        let lora_hidden = match &self.lora {
+            Some(l) => Some(ctx.dropout(&x2, l.dropout)?.matmul(&l.a.t()?)?),
+            None => None,
         };
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
-        if let Some(lora) = &self.lora {
-            let xd = ctx.dropout(&x2, lora.dropout)?;
-            let update = xd.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
-            y = (y + (update * lora.scaling)?)?;
-        }
+        let quantized = match &self.base {
+            LinearBase::Quantized(q) => Some(quant::quantized_matmul(&x2, q)?),
+            LinearBase::Dense(_) => None,
+        };
+        let rows = |t: &Tensor, k: usize| match parts {
+            1 => Ok(t.clone()),
+            _ => t.narrow(0, k * width, width),
+        };
         let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-empty shape") = y.dim(D::Minus1)?;
-        y.reshape(out_dims)
+        *out_dims.last_mut().expect("non-empty shape") = width;
+        (0..parts)
+            .map(|k| {
+                let mut y = match (&self.base, &quantized) {
+                    (_, Some(full)) if parts == 1 => full.clone(),
+                    (_, Some(full)) => full.narrow(1, k * width, width)?,
+                    (LinearBase::Dense(w), None) if w.is_variable() => {
+                        x2.matmul(&rows(w, k)?.t()?)?
+                    }
+                    (LinearBase::Dense(w), None) => frozen_matmul(&x2, &rows(w, k)?)?,
+                    (LinearBase::Quantized(_), None) => unreachable!("quantized product computed"),
+                };
+                if let Some(bias) = &self.bias {
+                    y = y.broadcast_add(&rows(bias, k)?)?;
+                }
+                if let (Some(l), Some(h)) = (&self.lora, &lora_hidden) {
+                    y = (y + (h.matmul(&rows(&l.b, k)?.t()?)? * l.scaling)?)?;
+                }
+                y.reshape(out_dims.clone())
+            })
+            .collect()
     }
 }
