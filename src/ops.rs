@@ -5,7 +5,7 @@
 use std::cell::Cell;
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D,
+    backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -156,56 +156,82 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(x, D::Minus1)
 }
 
-/// `x @ w^T` for a weight that is not trained.
+/// `x @ w^T (+ b)` for x (n, in), a weight w (out, in) and a bias b (out) that are not trained.
 ///
 /// candle's matmul backward always computes both operand gradients, which for a frozen base
-/// weight is a full extra GEMM per layer thrown away. On the CPU the product is computed outside
-/// the graph and re-attached to `x` through an op whose backward yields only `grad @ w`.
-pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// weight is a full extra GEMM per layer thrown away. On the CPU the product is one custom op
+/// whose backward yields only `grad @ w`; it runs candle's own GEMM on the operands' storage and
+/// adds the bias in place, so the graph holds one (n, out) tensor where a matmul and a bias add
+/// would hold two.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     if !fused_for(x) {
-        return x.matmul(&w.t()?);
+        let y = x.matmul(&w.t()?)?;
+        return match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
     }
-    let y = x.detach().matmul(&w.t()?)?;
+    let op = FrozenMatmul {
+        bias: bias.map(Tensor::detach),
+    };
     if !x.track_op() {
-        return Ok(y);
+        return x.detach().apply_op2_no_bwd(&w.detach(), &op);
     }
-    x.apply_op2(&y, AttachInputGrad { weight: w.clone() })
+    x.apply_op2(&w.detach(), op)
 }
 
-/// Forward: returns its second argument unchanged. Backward: routes `grad @ weight` to the first.
-struct AttachInputGrad {
-    weight: Tensor,
+/// `x @ w^T + bias` with a gradient for `x` only.
+struct FrozenMatmul {
+    bias: Option<Tensor>,
 }
 
-impl CustomOp2 for AttachInputGrad {
+/// Adds `bias` to every row of `y`.
+fn add_rows<T: candle_core::WithDType>(y: &mut [T], bias: &[T]) {
+    for row in y.chunks_mut(bias.len()) {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
-        "attach-input-grad"
+        "frozen-matmul"
     }
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match l2.contiguous_offsets() {
-            Some((start, end)) if start == 0 && end == l2.shape().elem_count() => {
-                s2.try_clone(l2)?
+        let ((n, k), (out, k_w)) = (xl.shape().dims2()?, wl.shape().dims2()?);
+        if k != k_w {
+            candle_core::bail!("frozen-matmul: input ({n}, {k}) against weight ({out}, {k_w})");
+        }
+        let mut y = x.matmul(w, (1, n, out, k), xl, &wl.transpose(0, 1)?)?;
+        if let Some(bias) = &self.bias {
+            if bias.dims() != [out] {
+                candle_core::bail!("frozen-matmul: bias {:?} for {out} outputs", bias.dims());
             }
-            _ => candle_core::bail!("attach-input-grad expects a contiguous product"),
-        };
-        Ok((out, l2.shape().clone()))
+            match &mut y {
+                CpuStorage::F32(v) => add_rows(v, &bias.to_dtype(DType::F32)?.to_vec1()?),
+                CpuStorage::F64(v) => add_rows(v, &bias.to_dtype(DType::F64)?.to_vec1()?),
+                other => candle_core::bail!("frozen-matmul: unsupported dtype {:?}", other.dtype()),
+            }
+        }
+        Ok((y, Shape::from((n, out))))
     }
 
     fn bwd(
         &self,
         _x: &Tensor,
+        w: &Tensor,
         _y: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
+        grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad_res.matmul(&self.weight)?), None))
+        Ok((Some(grad.matmul(w)?), None))
     }
 }
 
@@ -303,31 +329,52 @@ mod tests {
         }
     }
 
+    /// The fused frozen product (with and without bias, on odd sizes and on a weight that is a
+    /// row block of a larger one, as the q/k/v split uses) equals the plain composition in
+    /// values and input gradient, and gives the weight and bias no gradient.
     #[test]
-    fn frozen_matmul_gives_plain_values_and_input_gradient_only() {
+    fn frozen_linear_equals_plain_composition_with_input_gradient_only() {
         let dev = Device::Cpu;
         let mut init = Initializer::new(7);
-        let x = Var::from_vec(init.normal(3 * 4, 1.0), (3, 4), &dev).unwrap();
-        let w = Tensor::from_vec(init.normal(5 * 4, 1.0), (5, 4), &dev).unwrap();
-        let plain = x.matmul(&w.t().unwrap()).unwrap();
-        let frozen = frozen_matmul(x.as_tensor(), &w).unwrap();
-        let diff = (plain.clone() - frozen.clone())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        for (n, inp, out, row0) in [
+            (3usize, 4usize, 5usize, 0usize),
+            (7, 13, 9, 9),
+            (1, 1, 1, 2),
+        ] {
+            let x = Var::from_vec(init.normal(n * inp, 1.0), (n, inp), &dev).unwrap();
+            let whole = Tensor::from_vec(
+                init.normal((row0 + out) * inp, 1.0),
+                (row0 + out, inp),
+                &dev,
+            )
             .unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
-        let g_plain = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let g_frozen = frozen.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let a = g_plain.get(&x).unwrap();
-        let b = g_frozen.get(&x).unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
-        assert!(
-            g_frozen.get(&w).is_none(),
-            "frozen weight received a gradient"
-        );
+            let w = whole.narrow(0, row0, out).unwrap();
+            let b = Tensor::from_vec(init.normal(out, 1.0), out, &dev).unwrap();
+            for bias in [None, Some(&b)] {
+                let fused = frozen_linear(x.as_tensor(), &w, bias).unwrap();
+                let plain = with_plain_kernels(|| frozen_linear(x.as_tensor(), &w, bias)).unwrap();
+                let inference = frozen_linear(&x.as_tensor().detach(), &w, bias).unwrap();
+                assert_eq!(fused.dims(), &[n, out]);
+                assert!(max_diff(&fused, &plain) < 1e-5);
+                assert!(max_diff(&inference, &plain) < 1e-5);
+                let g_plain = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let g_fused = fused.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let (a, b) = (g_plain.get(&x).unwrap(), g_fused.get(&x).unwrap());
+                assert!(max_diff(a, b) < 1e-4);
+                assert!(g_fused.get(&w).is_none() && g_fused.get(&whole).is_none());
+                assert!(bias.is_none_or(|b| g_fused.get(b).is_none()));
+            }
+        }
     }
 
     /// The masks equal SplitMix64's sequential stream (two elements per draw), whatever the

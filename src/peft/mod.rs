@@ -15,7 +15,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use crate::model::params::{Init, ParamBuilder};
-use crate::ops::{frozen_matmul, ForwardCtx};
+use crate::ops::{frozen_linear, ForwardCtx};
 use quant::QuantizedWeight;
 
 /// LoRA hyper-parameters, as in PEFT's `LoraConfig`.
@@ -155,16 +155,19 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let x2 = x.reshape(((), in_dim))?;
-        // Shared by every block: the adapter's low-rank input, and a quantized base's product
-        // (its tiles are dequantized once for the whole width).
+        // Shared by every block: the adapter's low-rank input (scaled here, where it is r wide,
+        // rather than after B), and a quantized base's product (its tiles are dequantized once
+        // for the whole width).
         let lora_hidden = match &self.lora {
-            Some(l) => Some(ctx.dropout(&x2, l.dropout)?.matmul(&l.a.t()?)?),
+            Some(l) => Some((ctx.dropout(&x2, l.dropout)?.matmul(&l.a.t()?)? * l.scaling)?),
             None => None,
         };
         let quantized = match &self.base {
             LinearBase::Quantized(q) => Some(quant::quantized_matmul(&x2, q)?),
             LinearBase::Dense(_) => None,
         };
+        // A trained bias (full fine-tuning) needs its gradient, which the frozen product skips.
+        let trained_bias = self.bias.as_ref().is_some_and(|b| b.is_variable());
         let rows = |t: &Tensor, k: usize| match parts {
             1 => Ok(t.clone()),
             _ => t.narrow(0, k * width, width),
@@ -173,20 +176,28 @@ impl Linear {
         *out_dims.last_mut().expect("non-empty shape") = width;
         (0..parts)
             .map(|k| {
+                let bias = self.bias.as_ref().map(|b| rows(b, k)).transpose()?;
                 let mut y = match (&self.base, &quantized) {
-                    (_, Some(full)) if parts == 1 => full.clone(),
-                    (_, Some(full)) => full.narrow(1, k * width, width)?,
-                    (LinearBase::Dense(w), None) if w.is_variable() => {
-                        x2.matmul(&rows(w, k)?.t()?)?
+                    (LinearBase::Dense(w), None) if !w.is_variable() && !trained_bias => {
+                        frozen_linear(&x2, &rows(w, k)?, bias.as_ref())?
                     }
-                    (LinearBase::Dense(w), None) => frozen_matmul(&x2, &rows(w, k)?)?,
-                    (LinearBase::Quantized(_), None) => unreachable!("quantized product computed"),
+                    (base, quantized) => {
+                        let y = match (base, quantized) {
+                            (_, Some(full)) if parts == 1 => full.clone(),
+                            (_, Some(full)) => full.narrow(1, k * width, width)?,
+                            (LinearBase::Dense(w), _) => x2.matmul(&rows(w, k)?.t()?)?,
+                            (LinearBase::Quantized(_), None) => {
+                                unreachable!("quantized product computed above")
+                            }
+                        };
+                        match &bias {
+                            Some(b) => y.broadcast_add(b)?,
+                            None => y,
+                        }
+                    }
                 };
-                if let Some(bias) = &self.bias {
-                    y = y.broadcast_add(&rows(bias, k)?)?;
-                }
                 if let (Some(l), Some(h)) = (&self.lora, &lora_hidden) {
-                    y = (y + (h.matmul(&rows(&l.b, k)?.t()?)? * l.scaling)?)?;
+                    y = (y + h.matmul(&rows(&l.b, k)?.t()?)?)?;
                 }
                 y.reshape(out_dims.clone())
             })
