@@ -155,16 +155,11 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let x2 = x.reshape(((), in_dim))?;
-        // Shared by every block: the adapter's low-rank input (scaled here, where it is r wide,
-        // rather than after B), and a quantized base's product (its tiles are dequantized once
-        // for the whole width).
+        // Shared by every block: the adapter's low-rank input, scaled here where it is r wide
+        // rather than after B.
         let lora_hidden = match &self.lora {
             Some(l) => Some((ctx.dropout(&x2, l.dropout)?.matmul(&l.a.t()?)? * l.scaling)?),
             None => None,
-        };
-        let quantized = match &self.base {
-            LinearBase::Quantized(q) => Some(quant::quantized_matmul(&x2, q)?),
-            LinearBase::Dense(_) => None,
         };
         // A trained bias (full fine-tuning) needs its gradient, which the frozen product skips.
         let trained_bias = self.bias.as_ref().is_some_and(|b| b.is_variable());
@@ -177,25 +172,24 @@ impl Linear {
         (0..parts)
             .map(|k| {
                 let bias = self.bias.as_ref().map(|b| rows(b, k)).transpose()?;
-                let mut y = match (&self.base, &quantized) {
-                    (LinearBase::Dense(w), None) if !w.is_variable() && !trained_bias => {
-                        frozen_linear(&x2, &rows(w, k)?, bias.as_ref())?
+                // A frozen bias is added inside the frozen product; a trained one separately.
+                let (mut y, bias_added) = match &self.base {
+                    LinearBase::Dense(w) if w.is_variable() || trained_bias => {
+                        (x2.matmul(&rows(w, k)?.t()?)?, false)
                     }
-                    (base, quantized) => {
-                        let y = match (base, quantized) {
-                            (_, Some(full)) if parts == 1 => full.clone(),
-                            (_, Some(full)) => full.narrow(1, k * width, width)?,
-                            (LinearBase::Dense(w), _) => x2.matmul(&rows(w, k)?.t()?)?,
-                            (LinearBase::Quantized(_), None) => {
-                                unreachable!("quantized product computed above")
-                            }
-                        };
-                        match &bias {
-                            Some(b) => y.broadcast_add(b)?,
-                            None => y,
-                        }
+                    LinearBase::Dense(w) => {
+                        (frozen_linear(&x2, &rows(w, k)?, bias.as_ref())?, true)
+                    }
+                    LinearBase::Quantized(q) => {
+                        let frozen_bias = bias.as_ref().filter(|_| !trained_bias);
+                        let range = k * width..(k + 1) * width;
+                        let y = quant::quantized_linear(&x2, q, range, frozen_bias)?;
+                        (y, !trained_bias)
                     }
                 };
+                if let (Some(b), false) = (&bias, bias_added) {
+                    y = y.broadcast_add(b)?;
+                }
                 if let (Some(l), Some(h)) = (&self.lora, &lora_hidden) {
                     y = (y + h.matmul(&rows(&l.b, k)?.t()?)?)?;
                 }

@@ -5,6 +5,7 @@
 //! time, multiplies it, and drops it, so the f32 copy alive at any moment is one tile. Its backward
 //! pass yields only the input gradient (computed tile-wise the same way); the base stays frozen.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{
@@ -299,27 +300,47 @@ impl QuantizedWeight {
         Tensor::from_vec(buf, (r1 - r0, self.cols), like.device())?.to_dtype(like.dtype())
     }
 
-    /// `x @ W^T` for x (n, cols), tile by tile, outside the autograd graph.
-    pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// Checks that `rows` lies within the weight.
+    fn check_rows(&self, rows: &Range<usize>) -> candle_core::Result<()> {
+        if rows.start > rows.end || rows.end > self.rows {
+            candle_core::bail!(
+                "rows {rows:?} of a quantized weight with {} rows",
+                self.rows
+            );
+        }
+        Ok(())
+    }
+
+    /// `x @ W[rows]^T` for x (n, cols), tile by tile, outside the autograd graph.
+    pub fn matmul_t(&self, x: &Tensor, rows: Range<usize>) -> candle_core::Result<Tensor> {
+        self.check_rows(&rows)?;
         let x = x.detach().contiguous()?;
         let step = self.tile_rows();
-        let mut parts = Vec::with_capacity(self.rows.div_ceil(step));
-        for r0 in (0..self.rows).step_by(step) {
-            let r1 = (r0 + step).min(self.rows);
+        let mut parts = Vec::with_capacity(rows.len().div_ceil(step));
+        for r0 in rows.clone().step_by(step) {
+            let r1 = (r0 + step).min(rows.end);
             let w = self.tile(r0, r1, &x)?;
             parts.push(x.matmul(&w.t()?)?);
         }
-        Tensor::cat(&parts, D::Minus1)
+        match parts.len() {
+            0 => Tensor::zeros((x.dim(0)?, 0), x.dtype(), x.device()),
+            1 => Ok(parts.remove(0)),
+            _ => Tensor::cat(&parts, D::Minus1),
+        }
     }
 
-    /// `g @ W` for g (n, rows): the input gradient of `x @ W^T`, tile by tile.
-    pub fn matmul(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+    /// `g @ W[rows]` for g (n, rows.len()): the input gradient of `x @ W[rows]^T`, tile by tile.
+    pub fn matmul(&self, g: &Tensor, rows: Range<usize>) -> candle_core::Result<Tensor> {
+        self.check_rows(&rows)?;
         let step = self.tile_rows();
         let mut acc: Option<Tensor> = None;
-        for r0 in (0..self.rows).step_by(step) {
-            let r1 = (r0 + step).min(self.rows);
+        for r0 in rows.clone().step_by(step) {
+            let r1 = (r0 + step).min(rows.end);
             let w = self.tile(r0, r1, g)?;
-            let part = g.narrow(1, r0, r1 - r0)?.contiguous()?.matmul(&w)?;
+            let part = g
+                .narrow(1, r0 - rows.start, r1 - r0)?
+                .contiguous()?
+                .matmul(&w)?;
             acc = Some(match acc {
                 None => part,
                 Some(a) => (a + part)?,
@@ -345,23 +366,56 @@ pub fn quantized_bytes(kind: QuantKind, rows: usize, cols: usize) -> usize {
     }
 }
 
-/// `x @ W^T` for x (n, in) and a quantized W (out, in), differentiable in `x` only.
-pub fn quantized_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> candle_core::Result<Tensor> {
+/// `x @ W[rows]^T (+ bias)` for x (n, in), a quantized W (out, in) and a frozen bias for those
+/// rows; differentiable in `x` only. A row range lets a fused projection (DNABERT-2's `Wqkv`)
+/// be computed block by block, as the dense layers are.
+pub fn quantized_linear(
+    x: &Tensor,
+    w: &Arc<QuantizedWeight>,
+    rows: Range<usize>,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     if !crate::ops::fused_for(x) {
-        // The plain composition (and the only path off the CPU): the whole weight dequantized.
-        return x.matmul(&w.tile(0, w.rows, x)?.t()?);
+        // The plain composition (and the only path off the CPU): the rows dequantized whole.
+        let y = x.matmul(&w.tile(rows.start, rows.end, x)?.t()?)?;
+        return match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
     }
+    let op = QuantMatmul {
+        weight: w.clone(),
+        rows,
+        bias: bias.map(Tensor::detach),
+    };
     if !x.track_op() {
-        return w.matmul_t(x);
+        return op.forward(&x.detach());
     }
-    x.contiguous()?.apply_op1(QuantMatmul { weight: w.clone() })
+    x.contiguous()?.apply_op1(op)
 }
 
-/// The product as a graph node of `x` alone: the graph keeps `x` (shared with the rest of the
-/// graph) but no copy of the product or of any dequantized weight. Backward routes `grad @ W`
-/// (tile-wise) to `x`; the weight is not a graph node and gets nothing.
+/// `x @ W^T` for the whole of a quantized W.
+pub fn quantized_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> candle_core::Result<Tensor> {
+    quantized_linear(x, w, 0..w.rows, None)
+}
+
+/// The product (bias added) as a graph node of `x` alone: the graph keeps `x` (shared with the
+/// rest of the graph) and the output, but no dequantized weight and no separate bias sum.
+/// Backward routes `grad @ W[rows]` (tile-wise) to `x`; weight and bias get nothing.
 struct QuantMatmul {
     weight: Arc<QuantizedWeight>,
+    rows: Range<usize>,
+    bias: Option<Tensor>,
+}
+
+impl QuantMatmul {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.weight.matmul_t(x, self.rows.clone())?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
+    }
 }
 
 impl CustomOp1 for QuantMatmul {
@@ -381,7 +435,7 @@ impl CustomOp1 for QuantMatmul {
                 other.dtype()
             ),
         };
-        let y = self.weight.matmul_t(&x)?;
+        let y = self.forward(&x)?;
         let shape = y.shape().clone();
         let flat = y.flatten_all()?;
         let storage = match flat.dtype() {
@@ -397,7 +451,7 @@ impl CustomOp1 for QuantMatmul {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.weight.matmul(grad_res)?))
+        Ok(Some(self.weight.matmul(grad_res, self.rows.clone())?))
     }
 }
 
@@ -571,6 +625,7 @@ mod tests {
 
     #[test]
     fn blocked_kernel_equals_dequantize_then_matmul() {
+        // Whole weights, and row blocks with a bias.
         let dev = Device::Cpu;
         let mut init = Initializer::new(21);
         // Odd sizes, sizes not dividing the NF4 block, and one large enough to need several tiles.
@@ -605,6 +660,25 @@ mod tests {
                 let gx = grads.get(&x).expect("input gradient");
                 let want_gx = g.matmul(&dense).unwrap();
                 assert!(max_abs_diff(gx, &want_gx) < 1e-5 * (rows as f32).sqrt() + 1e-6);
+                // A block of rows with a bias, as the q/k/v split uses it.
+                let block = rows / 3..rows;
+                let bias =
+                    Tensor::from_vec(init.normal(block.len(), 1.0), block.len(), &dev).unwrap();
+                let y = quantized_linear(x.as_tensor(), &q, block.clone(), Some(&bias)).unwrap();
+                let dense_block = dense.narrow(0, block.start, block.len()).unwrap();
+                let want = x
+                    .matmul(&dense_block.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&bias)
+                    .unwrap();
+                assert!(max_abs_diff(&y, &want) < tol, "{kind} rows {block:?}");
+                let g = Tensor::from_vec(init.normal(n * block.len(), 1.0), (n, block.len()), &dev)
+                    .unwrap();
+                let grads = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let want_gx = g.matmul(&dense_block).unwrap();
+                let gx = grads.get(&x).expect("input gradient");
+                assert!(max_abs_diff(gx, &want_gx) < 1e-5 * (rows as f32).sqrt() + 1e-6);
+                assert!(grads.get(&bias).is_none(), "frozen bias got a gradient");
             }
         }
     }
