@@ -5,7 +5,8 @@
 use std::cell::Cell;
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D,
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
+    Tensor, WithDType, D,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -39,36 +40,84 @@ impl ForwardCtx {
 
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by 1/(1-p).
     pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
-        use rayon::prelude::*;
         if !self.train || p <= 0.0 {
             return Ok(x.clone());
         }
         let keep = 1.0 - p;
-        let scale = (1.0 / keep) as f32;
-        let threshold = (keep * 4_294_967_296.0) as u64;
-        let n = x.elem_count();
-        // SplitMix64 is counter-based: draw k is mix(state + (k + 1) * gamma), so chunks of
-        // the mask are filled in parallel and the masks do not depend on the thread count.
-        // Each 64-bit draw decides two elements from 32 bits each.
-        let start = self.state.get();
-        let draws = n.div_ceil(2) as u64;
+        let mask = DropoutMask {
+            start: self.state.get(),
+            threshold: (keep * 4_294_967_296.0) as u64,
+            scale: (1.0 / keep) as f32,
+        };
+        let draws = x.elem_count().div_ceil(2) as u64;
         self.state
-            .set(start.wrapping_add(draws.wrapping_mul(SPLITMIX_GAMMA)));
-        let mut mask = vec![0f32; n];
+            .set(mask.start.wrapping_add(draws.wrapping_mul(SPLITMIX_GAMMA)));
+        if fused_for(x) {
+            return x.contiguous()?.apply_op1(mask);
+        }
+        let ones = vec![1f32; x.elem_count()];
+        let values = Tensor::from_vec(mask.apply(&ones), x.shape(), x.device())?;
+        x.mul(&values.to_dtype(x.dtype())?)
+    }
+}
+
+/// A dropout mask as a position in the SplitMix64 stream. SplitMix64 is counter-based (draw k
+/// is mix(start + (k + 1) * gamma)), so chunks of the mask are computed in parallel, the masks
+/// do not depend on the thread count, and the backward pass recomputes the mask instead of
+/// keeping it. Each 64-bit draw decides two elements from 32 bits each.
+#[derive(Clone, Copy)]
+struct DropoutMask {
+    start: u64,
+    threshold: u64,
+    scale: f32,
+}
+
+impl DropoutMask {
+    /// `x * mask`, element by element.
+    fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        use rayon::prelude::*;
         const CHUNK: usize = 1 << 14;
-        mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-            let first_draw = (c * CHUNK / 2) as u64;
-            for (i, pair) in out.chunks_mut(2).enumerate() {
-                let counter =
-                    start.wrapping_add((first_draw + i as u64 + 1).wrapping_mul(SPLITMIX_GAMMA));
-                let r = splitmix_mix(counter);
-                for (m, half) in pair.iter_mut().zip([r & 0xFFFF_FFFF, r >> 32]) {
-                    *m = if half < threshold { scale } else { 0.0 };
+        let (kept, dropped) = (T::from_f64(self.scale as f64), T::from_f64(0.0));
+        let mut out = vec![dropped; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (out, x))| {
+                let first_draw = (c * CHUNK / 2) as u64;
+                for (i, (out, x)) in out.chunks_mut(2).zip(x.chunks(2)).enumerate() {
+                    let draw = first_draw + i as u64 + 1;
+                    let r =
+                        splitmix_mix(self.start.wrapping_add(draw.wrapping_mul(SPLITMIX_GAMMA)));
+                    for ((o, &v), half) in out.iter_mut().zip(x).zip([r & 0xFFFF_FFFF, r >> 32]) {
+                        *o = v * if half < self.threshold { kept } else { dropped };
+                    }
                 }
-            }
-        });
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+            });
+        out
+    }
+}
+
+/// Dropout as one op: forward multiplies by the mask, backward multiplies the gradient by the
+/// same (recomputed) mask, so the graph holds no mask tensor.
+impl CustomOp1 for DropoutMask {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("dropout expects a contiguous input")
+        };
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.apply(&v[start..end])),
+            CpuStorage::F64(v) => CpuStorage::F64(self.apply(&v[start..end])),
+            other => candle_core::bail!("dropout: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
     }
 }
 
@@ -417,6 +466,44 @@ mod tests {
                     "{threads} threads"
                 );
             }
+        }
+    }
+
+    /// The dropout op (mask recomputed in the backward pass) equals multiplying by a mask
+    /// tensor, in values and gradient, and both advance the stream alike.
+    #[test]
+    fn dropout_op_equals_the_mask_tensor_composition() {
+        let mut init = Initializer::new(11);
+        for (n, dtype) in [(1usize, DType::F32), (33, DType::F64), (50_001, DType::F32)] {
+            let x = Var::from_tensor(
+                &Tensor::from_vec(init.normal(n, 1.0), n, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let g = Tensor::from_vec(init.normal(n, 1.0), n, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let run = || {
+                let ctx = ForwardCtx::train(3);
+                let first = ctx.dropout(&x, 0.3).unwrap();
+                let second = ctx.dropout(&x, 0.3).unwrap();
+                let grads = (&first * &g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let f64s =
+                    |t: &Tensor| -> Vec<f64> { t.to_dtype(DType::F64).unwrap().to_vec1().unwrap() };
+                (f64s(&first), f64s(&second), f64s(grads.get(&x).unwrap()))
+            };
+            let fused = run();
+            let plain = with_plain_kernels(run);
+            assert_eq!(fused, plain, "n {n} {dtype:?}");
+            assert_ne!(fused.0, fused.1, "the second call must continue the stream");
         }
     }
 
