@@ -235,7 +235,7 @@ struct FrozenMatmul {
 }
 
 /// Adds `bias` to every row of `y`.
-fn add_rows<T: candle_core::WithDType>(y: &mut [T], bias: &[T]) {
+fn add_rows<T: WithDType>(y: &mut [T], bias: &[T]) {
     for row in y.chunks_mut(bias.len()) {
         for (v, &b) in row.iter_mut().zip(bias) {
             *v += b;

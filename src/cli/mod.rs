@@ -947,8 +947,7 @@ fn inspect_cmd(a: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-/// `bench --memory`: one method in this process, or (`--all-methods`) each method in a child
-/// process of this same binary, so that one method's peak cannot hide in another's.
+/// `bench --tokenize FILE`: the model's tokenizer over the sequences of a CSV/FASTA.
 fn bench_tokenize_cmd(a: &BenchArgs, path: &Path) -> Result<()> {
     let opts = ReadOptions {
         sequence_column: "sequence".into(),
@@ -972,6 +971,8 @@ fn bench_tokenize_cmd(a: &BenchArgs, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `bench --memory`: one method in this process, or (`--all-methods`) each method in a child
+/// process of this same binary, so that one method's peak cannot hide in another's.
 fn bench_memory_cmd(a: &BenchArgs, spec: &bench::BenchSpec) -> Result<()> {
     let results = if a.all_methods {
         let exe = std::env::current_exe().context("cannot locate the dnatune executable")?;

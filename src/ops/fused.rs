@@ -396,11 +396,19 @@ fn exp_f32(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// Phi(a) of the standard normal in f32.
+#[inline(always)]
+fn normal_cdf_f32(a: f32) -> f32 {
+    0.5 * (1.0 + erf_f32(a * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 /// Phi(a) and phi(a) of the standard normal in f32.
 #[inline(always)]
 fn normal_cdf_pdf_f32(a: f32) -> (f32, f32) {
-    let cdf = 0.5 * (1.0 + erf_f32(a * std::f32::consts::FRAC_1_SQRT_2));
-    (cdf, exp_f32(-0.5 * a * a) * INV_SQRT_2PI as f32)
+    (
+        normal_cdf_f32(a),
+        exp_f32(-0.5 * a * a) * INV_SQRT_2PI as f32,
+    )
 }
 
 /// The gated GELU, `act(a) * lin` for every row x = [a | lin].
@@ -469,7 +477,7 @@ impl CustomOp1 for GatedGelu {
             CpuStorage::F32(x) => CpuStorage::F32(gated_gelu_forward(
                 contiguous(x, l, self.name())?,
                 cols,
-                |a| a * 0.5 * (1.0 + erf_f32(a * std::f32::consts::FRAC_1_SQRT_2)),
+                |a| a * normal_cdf_f32(a),
             )),
             CpuStorage::F64(x) => CpuStorage::F64(gated_gelu_forward(
                 contiguous(x, l, self.name())?,

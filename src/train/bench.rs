@@ -205,21 +205,15 @@ pub struct TokenizeResult {
     pub tokenize_seq_per_s: f64,
 }
 
-/// Encodes `sequences` (untruncated, in parallel over sequences as training and `predict` do)
-/// `rounds` times after one warm-up round.
+/// Encodes `sequences` untruncated with [`crate::train::encode_all`] (what training and
+/// `predict` run) `rounds` times after one warm-up round.
 pub fn bench_tokenize(
     model_dir: &Path,
     sequences: &[crate::data::Record],
     rounds: usize,
 ) -> Result<TokenizeResult> {
-    use rayon::prelude::*;
     let tokenizer = crate::tokenize::load_tokenizer(model_dir)?;
-    let encode = || -> Vec<Vec<u32>> {
-        sequences
-            .par_iter()
-            .map(|r| tokenizer.encode(&r.seq, None))
-            .collect()
-    };
+    let encode = || crate::train::encode_all(sequences, tokenizer.as_ref(), usize::MAX);
     let tokens: usize = encode().iter().map(Vec::len).sum();
     let start = Instant::now();
     for _ in 0..rounds {
