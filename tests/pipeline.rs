@@ -186,6 +186,56 @@ fn interrupted_lora_run_resumes_to_the_same_metrics() {
     assert!(cut.join("best/adapter_config.json").exists());
 }
 
+#[test]
+fn rerun_seed_sweep_reuses_finished_seeds_and_resumes_interrupted_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_tiny(&model, "32");
+    let model_s = model.to_str().unwrap().to_string();
+    let sweep = tmp.path().join("sweep");
+    let sweep_args = |lr: &'static str| {
+        let mut args = train_args(&model_s, sweep.to_str().unwrap());
+        let seed = args.iter().position(|a| *a == "--seed").unwrap();
+        args[seed] = "--seeds";
+        args[seed + 1] = "7,8";
+        let at = args.iter().position(|a| *a == "--lr").unwrap();
+        args[at + 1] = lr;
+        args
+    };
+    let summary = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(sweep.join("seeds_summary.json")).unwrap())
+            .unwrap()
+    };
+    dnatune(&sweep_args("1e-3"));
+    let first = summary();
+    let seed7_log = std::fs::read(sweep.join("seed-7/log.jsonl")).unwrap();
+
+    // Seed 8 as if stopped after its last checkpoint, before the test evaluation was written.
+    std::fs::remove_file(sweep.join("seed-8/metrics.json")).unwrap();
+    let out = dnatune(&sweep_args("1e-3"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("reusing the finished run") && stdout.contains("seed-7"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("resuming"), "{stdout}");
+    assert_eq!(first["test"], summary()["test"]);
+    assert_eq!(
+        seed7_log,
+        std::fs::read(sweep.join("seed-7/log.jsonl")).unwrap(),
+        "seed 7 was trained again"
+    );
+
+    // Another configuration in the same folder is refused, not mixed in.
+    let out = Command::new(env!("CARGO_BIN_EXE_dnatune"))
+        .args(sweep_args("5e-4"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another configuration"), "{stderr}");
+}
+
 /// Losses logged at each optimiser step of a short run.
 fn step_losses(run: &Path) -> Vec<f64> {
     dnatune::eval::read_log(&run.join("log.jsonl"))

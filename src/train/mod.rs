@@ -502,12 +502,6 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         num_labels,
         true,
     )?;
-    let mut dev_json = serde_json::to_value(&dev_best)?;
-    dev_json["step"] = serde_json::json!(state.best_step);
-    crate::fsutil::write_json_atomic(
-        &run_dir.join("metrics.json"),
-        &serde_json::json!({ "dev_best": dev_json, "test": test_metrics, "metric": cfg.metric }),
-    )?;
     let config_toml = cfg.to_toml()?;
     eval::write_report(
         &run_dir.join("report.html"),
@@ -523,6 +517,13 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                 num_classes: num_labels,
             }),
         },
+    )?;
+    // Written last: its presence marks the run as finished (`run_seeds` reuses such runs).
+    let mut dev_json = serde_json::to_value(&dev_best)?;
+    dev_json["step"] = serde_json::json!(state.best_step);
+    crate::fsutil::write_json_atomic(
+        &run_dir.join("metrics.json"),
+        &serde_json::json!({ "dev_best": dev_json, "test": test_metrics, "metric": cfg.metric }),
     )?;
     print_summary(&dev_best, &test_metrics, state.best_step, &run_dir);
     Ok(RunSummary {
@@ -682,6 +683,10 @@ pub struct SeedStat {
 
 /// Runs the same configuration once per seed (each in `out/seed-N`) and summarises the test
 /// metrics as mean +- sd, since single-seed GUE numbers are known to be unstable.
+///
+/// Re-running the same command picks up where an interrupted one stopped: a seed whose run
+/// finished with this configuration is reused, one with a checkpoint is resumed. A seed folder
+/// holding a run with another configuration is an error rather than overwritten.
 pub fn run_seeds(cfg: &TrainConfig, seeds: &[u64]) -> Result<Vec<SeedStat>> {
     if seeds.is_empty() {
         bail!("--seeds needs at least one seed");
@@ -694,7 +699,19 @@ pub fn run_seeds(cfg: &TrainConfig, seeds: &[u64]) -> Result<Vec<SeedStat>> {
             out: cfg.out.join(format!("seed-{seed}")),
             ..cfg.clone()
         };
-        tests.push(run(&run_cfg, false)?.test);
+        let test = match previous_seed_run(&run_cfg)? {
+            PreviousRun::Finished(test) => {
+                println!(
+                    "reusing the finished run in {} (test MCC {:.4})",
+                    run_cfg.out.display(),
+                    test.mcc
+                );
+                test
+            }
+            PreviousRun::Interrupted => run(&run_cfg, true)?.test,
+            PreviousRun::None => run(&run_cfg, false)?.test,
+        };
+        tests.push(test);
     }
     let stats: Vec<SeedStat> = ["mcc", "accuracy", "f1", "auroc", "auprc"]
         .iter()
@@ -720,6 +737,46 @@ pub fn run_seeds(cfg: &TrainConfig, seeds: &[u64]) -> Result<Vec<SeedStat>> {
         &serde_json::json!({ "seeds": seeds, "test": stats }),
     )?;
     Ok(stats)
+}
+
+/// What a seed's run folder already holds.
+enum PreviousRun {
+    /// A finished run of this configuration: its test metrics.
+    Finished(Metrics),
+    /// A run of this configuration stopped after a checkpoint.
+    Interrupted,
+    /// Nothing to continue (no folder, or one without a run in it).
+    None,
+}
+
+/// Looks in `cfg.out` for an earlier run of exactly `cfg`.
+fn previous_seed_run(cfg: &TrainConfig) -> Result<PreviousRun> {
+    let config_path = cfg.out.join("config.toml");
+    if !config_path.exists() {
+        return Ok(PreviousRun::None);
+    }
+    let previous = TrainConfig::from_toml_file(&config_path)?;
+    if previous != *cfg {
+        bail!(
+            "{} holds a run with another configuration; remove it or choose another --out",
+            cfg.out.display()
+        );
+    }
+    let metrics_path = cfg.out.join("metrics.json");
+    if metrics_path.exists() {
+        let text = std::fs::read_to_string(&metrics_path)
+            .with_context(|| format!("cannot read {}", metrics_path.display()))?;
+        let saved: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", metrics_path.display()))?;
+        let test: Metrics = serde_json::from_value(saved["test"].clone())
+            .with_context(|| format!("{} has no test metrics", metrics_path.display()))?;
+        return Ok(PreviousRun::Finished(test));
+    }
+    if state::has_checkpoint(&cfg.out) {
+        Ok(PreviousRun::Interrupted)
+    } else {
+        Ok(PreviousRun::None)
+    }
 }
 
 /// Mean and sample (n - 1) standard deviation; sd is 0 for a single value.

@@ -2,7 +2,7 @@
 //! to a fresh directory that replaces the previous checkpoint in one rename.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -70,20 +70,29 @@ pub fn save_checkpoint(
     replace_dir(&tmp, &dir)
 }
 
+/// The newest complete checkpoint folder of `run_dir`, if it has one.
+fn checkpoint_dir(run_dir: &Path) -> Option<PathBuf> {
+    // `checkpoint.old` is the complete one when a save stopped between `replace_dir`'s renames.
+    ["checkpoint", "checkpoint.old"]
+        .iter()
+        .map(|name| run_dir.join(name))
+        .find(|dir| dir.join("state.json").exists())
+}
+
+/// Whether `run_dir` holds a checkpoint that `--resume` can continue.
+pub fn has_checkpoint(run_dir: &Path) -> bool {
+    checkpoint_dir(run_dir).is_some()
+}
+
 /// Restores the newest complete checkpoint of `run_dir` into `params` and `opt`.
 pub fn load_checkpoint(
     run_dir: &Path,
     params: &ParamStore,
     opt: &mut AdamW,
 ) -> Result<Option<RunState>> {
-    let mut dir = run_dir.join("checkpoint");
-    if !dir.join("state.json").exists() {
-        // Interrupted between the two renames of `replace_dir`: the previous one is complete.
-        dir = run_dir.join("checkpoint.old");
-        if !dir.join("state.json").exists() {
-            return Ok(None);
-        }
-    }
+    let Some(dir) = checkpoint_dir(run_dir) else {
+        return Ok(None);
+    };
     let text = std::fs::read_to_string(dir.join("state.json"))?;
     let raw: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is corrupt", dir.join("state.json").display()))?;
