@@ -6,6 +6,7 @@
 //! names follow PEFT (`<module>.lora_A.weight`, `<module>.lora_B.weight`).
 
 pub mod adapter;
+pub mod bf16;
 pub mod merge;
 pub mod quant;
 
