@@ -223,46 +223,50 @@ fn bf16_lora_run_trains_like_the_f32_run() {
     assert!(!tensors.is_empty() && tensors.values().all(|t| t.dtype() == DType::F32));
 }
 
-/// GFLOP/s of the bf16 kernel and of candle's f32 matmul on DNABERT-2-117M's fused-QKV shape
-/// (1024 tokens x 768 -> 2304) and its input gradient, timed alternately in one process.
+/// GFLOP/s of the bf16 kernel and of candle's f32 matmul on DNABERT-2-117M's four linear shapes
+/// at 1024 tokens (fused QKV, attention output, gated MLP in and out), forward and input
+/// gradient, timed alternately in one process.
 #[test]
 #[ignore = "a measurement, not a check; run on an idle machine"]
 fn gemm_speed_against_candle_f32() {
-    let (m, k, n) = (1024, 768, 2304);
+    let m = 1024;
     let mut init = Initializer::new(1);
-    let x = init.normal(m * k, 1.0);
-    let w = init.normal(n * k, 0.02);
-    let packed = PackedB::pack(n, k, |j, c| f32_to_bf16(w[j * k + c]));
-    let packed_t = PackedB::pack(k, n, |j, c| packed.get(c, j));
-    let g = init.normal(m * n, 1.0);
-    let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
-    let wt = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
-    let gt = Tensor::from_vec(g.clone(), (m, n), &Device::Cpu).unwrap();
-    let flops = 2.0 * (m * k * n) as f64;
-    let time = |f: &mut dyn FnMut()| {
-        f();
-        let start = Instant::now();
-        for _ in 0..5 {
+    for (k, n) in [(768, 2304), (768, 768), (768, 6144), (3072, 768)] {
+        let x = init.normal(m * k, 1.0);
+        let w = init.normal(n * k, 0.02);
+        let g = init.normal(m * n, 1.0);
+        let packed = PackedB::pack(n, k, |j, c| f32_to_bf16(w[j * k + c]));
+        let packed_t = PackedB::pack(k, n, |j, c| packed.get(c, j));
+        let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        let gt = Tensor::from_vec(g.clone(), (m, n), &Device::Cpu).unwrap();
+        let flops = 2.0 * (m * k * n) as f64;
+        let time = |f: &mut dyn FnMut()| {
             f();
+            let start = Instant::now();
+            for _ in 0..5 {
+                f();
+            }
+            flops * 5.0 / start.elapsed().as_secs_f64() / 1e9
+        };
+        let (mut y, mut dx) = (vec![0f32; m * n], vec![0f32; m * k]);
+        let mut gflops = [0f64; 4];
+        for _ in 0..2 {
+            gflops[0] +=
+                time(&mut || kernel::gemm(&x, m, 0..k, &packed, 0..n, None, &mut y).unwrap());
+            gflops[1] += time(&mut || {
+                xt.matmul(&wt.t().unwrap()).unwrap();
+            });
+            gflops[2] +=
+                time(&mut || kernel::gemm(&g, m, 0..n, &packed_t, 0..k, None, &mut dx).unwrap());
+            gflops[3] += time(&mut || {
+                gt.matmul(&wt).unwrap();
+            });
         }
-        flops * 5.0 / start.elapsed().as_secs_f64() / 1e9
-    };
-    let mut y = vec![0f32; m * n];
-    let mut dx = vec![0f32; m * k];
-    for round in 0..3 {
-        let bf16_fwd =
-            time(&mut || kernel::gemm(&x, m, 0..k, &packed, 0..n, None, &mut y).unwrap());
-        let f32_fwd = time(&mut || {
-            xt.matmul(&wt.t().unwrap()).unwrap();
-        });
-        let bf16_bwd =
-            time(&mut || kernel::gemm(&g, m, 0..n, &packed_t, 0..k, None, &mut dx).unwrap());
-        let f32_bwd = time(&mut || {
-            gt.matmul(&wt).unwrap();
-        });
+        let [bf16_fwd, f32_fwd, bf16_bwd, f32_bwd] = gflops.map(|v| v / 2.0);
         println!(
-            "round {round}, {} threads: forward bf16 {bf16_fwd:.0} vs f32 {f32_fwd:.0} GFLOP/s ({:.2}x); \
-             input gradient bf16 {bf16_bwd:.0} vs f32 {f32_bwd:.0} GFLOP/s ({:.2}x)",
+            "{m} x {k} -> {n}, {} threads: forward bf16 {bf16_fwd:.0} vs f32 {f32_fwd:.0} GFLOP/s \
+             ({:.2}x); input gradient bf16 {bf16_bwd:.0} vs f32 {f32_bwd:.0} GFLOP/s ({:.2}x)",
             rayon::current_num_threads(),
             bf16_fwd / f32_fwd,
             bf16_bwd / f32_bwd
