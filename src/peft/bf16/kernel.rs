@@ -2,12 +2,13 @@
 //! bf16 per call), B a bf16 operand packed once, and f32 accumulation.
 //!
 //! candle's CPU matmul has no bf16 path, and widening bf16 to f32 before an f32 GEMM gains
-//! nothing but memory. AVX-512 BF16's `vdpbf16ps` multiplies 32 bf16 pairs into 16 f32 sums per
-//! instruction, twice the work of an f32 FMA, so the kernel is built around it: B in panels of
-//! [`NR`] columns whose depth runs in pairs, A converted to bf16 pairs in micro-panels of [`MR`]
-//! rows, and an `MR x NR` register tile of 24 zmm accumulators. CPUs without the instruction (or
-//! not x86-64) take [`gemm_portable`], the same bf16 values widened to f32 and multiplied by
-//! candle's f32 GEMM.
+//! nothing but memory. AVX-512 BF16's `vdpbf16ps` multiplies 16 pairs of bf16 values and adds
+//! each pair's sum to one of 16 f32 lanes, twice the work of an f32 FMA per instruction, so the
+//! kernel is built around it: B in panels of [`NR`] columns whose depth runs in pairs, A converted
+//! per call to rows of bf16 pairs, and an `MR x NR` register tile of 24 zmm accumulators. Work
+//! is split into jobs of up to 64 rows times a group of panels on rayon's pool (`--threads`).
+//! CPUs without the instruction (or not x86-64) take [`gemm_portable`]: the same bf16 values
+//! widened to f32 and multiplied by candle's f32 GEMM.
 
 use std::ops::Range;
 
@@ -276,8 +277,8 @@ mod avx512 {
                 for tile in block * TILES_PER_JOB..tile_end {
                     let i0 = tile * MR;
                     let rows = MR.min(m - i0);
-                    // SAFETY: packed_a holds `tiles * pairs * MR` values.
-                    let a_at = unsafe { packed_a.as_ptr().add(tile * pairs * MR) };
+                    // SAFETY: packed_a holds `tiles * MR` rows of `pairs` values.
+                    let a_at = unsafe { packed_a.as_ptr().add(tile * MR * pairs) };
                     if rows == MR && lo == j0 && hi == j0 + NR {
                         // A whole tile: straight into the output, bias added on the way.
                         let bias_at = bias.map(|v| v[j0 - cols.start..].as_ptr());
@@ -307,25 +308,26 @@ mod avx512 {
         });
     }
 
-    /// A (`m x len`) as bf16 pairs in micro-panels [tile][pair][MR] (one u32 per pair, the
-    /// earlier depth value in the low half as `vdpbf16ps` pairs them), after `lead` zeros; rows
-    /// past `m` and pairs past the data are zero.
+    /// A (`m x len`) as rows of bf16 pairs (one u32 per pair, the earlier depth value in the
+    /// low half as `vdpbf16ps` pairs them), `pairs` per row after `lead` zeros, rows padded with
+    /// zeros to whole tiles. Row-major, so the conversion stores whole vectors; the micro-kernel
+    /// reads MR rows side by side, each sequentially.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     fn pack_a(a: &[f32], m: usize, len: usize, lead: usize, pairs: usize) -> Vec<u32> {
-        let mut packed = vec![0u32; m.div_ceil(MR) * pairs * MR];
+        let mut packed = vec![0u32; m.div_ceil(MR) * MR * pairs];
         packed
-            .par_chunks_mut((pairs * MR).max(1))
+            .par_chunks_mut(pairs.max(1))
+            .take(m)
             .enumerate()
-            .for_each(|(tile, panel)| {
-                let mut row_bf16 = vec![0u16; 2 * pairs];
-                for r in 0..MR.min(m.saturating_sub(tile * MR)) {
-                    let row = &a[(tile * MR + r) * len..(tile * MR + r + 1) * len];
-                    // The closure inherits this function's target features.
-                    round_row(row, &mut row_bf16[lead..lead + len]);
-                    for (p, pair) in row_bf16.chunks_exact(2).enumerate() {
-                        panel[p * MR + r] = pair[0] as u32 | (pair[1] as u32) << 16;
-                    }
-                }
+            .with_min_len(8)
+            .for_each(|(i, row)| {
+                // SAFETY: the same memory viewed as twice as many u16 (a weaker alignment, any
+                // bit pattern valid), borrowed exclusively like `row`.
+                let row16: &mut [u16] = unsafe {
+                    std::slice::from_raw_parts_mut(row.as_mut_ptr().cast(), 2 * row.len())
+                };
+                // The closure inherits this function's target features.
+                round_row(&a[i * len..(i + 1) * len], &mut row16[lead..lead + len]);
             });
         packed
     }
@@ -360,7 +362,7 @@ mod avx512 {
     /// One `MR x NR` tile over `pairs` depth pairs: `c[r][j] = sum a[r] * b[j] (+ bias[j])`.
     ///
     /// # Safety
-    /// `a` holds `pairs * MR` and `b` `pairs * NR * 2` values; `c` has MR rows of NR writable
+    /// `a` holds MR rows of `pairs` values and `b` `pairs * NR * 2` values; `c` has MR rows of NR writable
     /// floats `ldc` apart; `bias`, when given, has NR values.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn micro_tile(
@@ -379,9 +381,10 @@ mod avx512 {
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.cast()));
                 let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32).cast()));
                 let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(64).cast()));
-                let ap = a.add(p * MR);
+                let ap = a.add(p);
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+                    let pair: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*ap.add(r * pairs) as i32));
                     acc[0] = _mm512_dpbf16_ps(acc[0], pair, b0);
                     acc[1] = _mm512_dpbf16_ps(acc[1], pair, b1);
                     acc[2] = _mm512_dpbf16_ps(acc[2], pair, b2);
