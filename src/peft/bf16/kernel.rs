@@ -91,14 +91,6 @@ impl PackedB {
         PackedB { cols, depth, data }
     }
 
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    pub fn depth(&self) -> usize {
-        self.depth
-    }
-
     /// Depth pairs per panel.
     fn pairs(&self) -> usize {
         self.depth.div_ceil(2)
