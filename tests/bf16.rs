@@ -264,9 +264,13 @@ fn gemm_speed_against_candle_f32() {
             });
         }
         let [bf16_fwd, f32_fwd, bf16_bwd, f32_bwd] = gflops.map(|v| v / 2.0);
+        // The fallback of CPUs without AVX-512 BF16, once (it is slow).
+        let portable =
+            time(&mut || kernel::gemm_portable(&x, m, 0..k, &packed, 0..n, None, &mut y).unwrap());
         println!(
             "{m} x {k} -> {n}, {} threads: forward bf16 {bf16_fwd:.0} vs f32 {f32_fwd:.0} GFLOP/s \
-             ({:.2}x); input gradient bf16 {bf16_bwd:.0} vs f32 {f32_bwd:.0} GFLOP/s ({:.2}x)",
+             ({:.2}x); input gradient bf16 {bf16_bwd:.0} vs f32 {f32_bwd:.0} GFLOP/s ({:.2}x); \
+             portable forward {portable:.0} GFLOP/s",
             rayon::current_num_threads(),
             bf16_fwd / f32_fwd,
             bf16_bwd / f32_bwd
