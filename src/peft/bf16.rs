@@ -108,23 +108,6 @@ impl Bf16Weight {
         }
     }
 
-    /// Rows `rows` of W widened to f32 (exact), on the CPU.
-    pub fn rows_f32(&self, rows: Range<usize>) -> candle_core::Result<Tensor> {
-        self.check_rows(&rows)?;
-        let n = rows.len();
-        match &self.storage {
-            Storage::Packed { forward, .. } => Tensor::from_vec(
-                forward.widen(rows, 0..self.cols),
-                (n, self.cols),
-                &candle_core::Device::Cpu,
-            ),
-            Storage::Device(w) => w
-                .narrow(0, rows.start, n)?
-                .to_dtype(DType::F32)?
-                .to_device(&candle_core::Device::Cpu),
-        }
-    }
-
     fn check_rows(&self, rows: &Range<usize>) -> candle_core::Result<()> {
         if rows.start > rows.end || rows.end > self.rows {
             candle_core::bail!("rows {rows:?} of a bf16 weight with {} rows", self.rows);
@@ -175,9 +158,11 @@ pub fn bf16_linear(
         ),
         // The plain composition the kernel is tested against: x rounded to bf16 by candle, the
         // rows widened to f32, candle's matmul.
-        Storage::Packed { .. } if !crate::ops::fused_for(x) => {
+        Storage::Packed { forward, .. } if !crate::ops::fused_for(x) => {
             let rounded = x.to_dtype(DType::BF16)?.to_dtype(x.dtype())?;
-            add_bias(rounded.matmul(&w.rows_f32(rows)?.to_device(x.device())?.t()?)?)
+            let shape = (rows.len(), w.cols);
+            let w_rows = Tensor::from_vec(forward.widen(rows, 0..w.cols), shape, x.device())?;
+            add_bias(rounded.matmul(&w_rows.t()?)?)
         }
         Storage::Packed { .. } => {
             let op = Bf16Matmul {
