@@ -551,3 +551,99 @@ fn prepare_bed_cuts_labelled_regions_with_their_chromosomes() {
     ]);
     assert_fails_with(&out_of_range, &["beyond.bed:1"]);
 }
+
+#[test]
+fn precision_bf16_reaches_predict_and_bench_and_is_refused_without_a_frozen_base() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let m = s(&model);
+    let input = write(tmp.path(), "in.csv", "sequence\nACGTACGGTA\nTTGACAGG\n");
+    let mut probs = Vec::new();
+    for precision in ["f32", "bf16"] {
+        let preds = tmp.path().join(format!("preds-{precision}.csv"));
+        let out = dnatune(&[
+            "predict",
+            "--model",
+            m,
+            "--input",
+            s(&input),
+            "--out",
+            s(&preds),
+            "--precision",
+            precision,
+        ]);
+        assert_ok(&out);
+        let (_, rows) = read_preds(&preds);
+        probs.push(
+            rows.iter()
+                .map(|r| r[3].parse::<f64>().unwrap())
+                .collect::<Vec<_>>(),
+        );
+    }
+    // bf16 rounds weights and activations by at most 2^-8 relative: probabilities move a little.
+    for (a, b) in probs[0].iter().zip(&probs[1]) {
+        assert!((a - b).abs() < 1e-2, "{probs:?}");
+    }
+    let both = dnatune(&[
+        "predict",
+        "--model",
+        m,
+        "--input",
+        s(&input),
+        "--out",
+        "x.csv",
+        "--precision",
+        "bf16",
+        "--quantize",
+        "nf4",
+    ]);
+    assert_eq!(both.status.code(), Some(2), "{}", stderr(&both));
+    let small = [
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "8",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ];
+    for infer in [false, true] {
+        let mut args = vec!["bench", "--model", m, "--json", "--precision", "bf16"];
+        args.extend(small);
+        if infer {
+            args.push("--infer");
+        }
+        let out = dnatune(&args);
+        assert_ok(&out);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["precision"], "bf16", "{json}");
+    }
+    let mut args = vec![
+        "bench",
+        "--model",
+        m,
+        "--method",
+        "full",
+        "--precision",
+        "bf16",
+    ];
+    args.extend(small);
+    assert_fails_with(&dnatune(&args), &["bf16", "full fine-tuning"]);
+    let data = small_gue(tmp.path(), 20, &["train", "dev", "test"]);
+    let run = tmp.path().join("run");
+    let out = dnatune(&[
+        "train",
+        "--model",
+        m,
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--method",
+        "qlora-nf4",
+        "--precision",
+        "bf16",
+    ]);
+    assert_fails_with(&out, &["bf16", "quantized"]);
+}

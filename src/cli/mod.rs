@@ -11,6 +11,7 @@ use crate::model::config::{Architecture, ModelConfig};
 use crate::model::params::{is_head, Trainable};
 use crate::model::{self, LoadOptions, Pooling};
 use crate::peft::adapter;
+use crate::peft::bf16::Precision;
 use crate::peft::quant::QuantKind;
 use crate::tokenize::{self, Tokenizer};
 use crate::train::config::{Method, Scheduler, SplitKind, TrainConfig};
@@ -211,6 +212,10 @@ struct TrainArgs {
     adapter: Option<PathBuf>,
     #[arg(long, value_enum)]
     method: Option<Method>,
+    /// bf16: hold the frozen base's linear weights in bfloat16 (LoRA only; AVX-512 BF16 kernel
+    /// where the CPU has it, bf16 matmul on CUDA).
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
     #[arg(long)]
     epochs: Option<usize>,
     #[arg(long)]
@@ -304,6 +309,10 @@ struct ModelArgs {
     /// Run the base quantized (as QLoRA trained it) instead of in full precision.
     #[arg(long, value_enum)]
     quantize: Option<QuantKind>,
+    /// bf16: hold the base's linear weights in bfloat16 (AVX-512 BF16 kernel where the CPU has
+    /// it, bf16 matmul on CUDA); heads and adapters stay f32.
+    #[arg(long, value_enum, default_value = "f32", conflicts_with = "quantize")]
+    precision: Precision,
 }
 
 #[derive(Args)]
@@ -365,6 +374,14 @@ struct BenchArgs {
     seq_len: usize,
     #[arg(long, value_enum, default_value = "lora")]
     method: Method,
+    /// bf16: the frozen base's linear weights in bfloat16 (lora, or --infer).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "f32",
+        conflicts_with = "all_methods"
+    )]
+    precision: Precision,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
     #[arg(long, default_value_t = 5)]
@@ -626,7 +643,7 @@ fn train_cmd(a: TrainArgs, device: Option<&str>) -> Result<()> {
         log_every,
         metric
     );
-    set!(patience, pooling, sequence_column, label_column);
+    set!(patience, pooling, sequence_column, label_column, precision);
     if a.adapter.is_some() {
         cfg.adapter = a.adapter.clone();
     }
@@ -710,6 +727,7 @@ fn load_for_inference(
         lora,
         pooling: a.pooling,
         quantize: a.quantize,
+        precision: a.precision,
         ..LoadOptions::default()
     };
     let loaded = model::load_classifier(&a.model, tensors, &opts, device)?;
@@ -819,6 +837,7 @@ fn bench_cmd(a: BenchArgs, device: Option<&str>) -> Result<()> {
         batch_size: a.batch_size,
         seq_len: a.seq_len,
         device: &device,
+        precision: a.precision,
     };
     if a.memory {
         return bench_memory_cmd(&a, &spec);
@@ -829,8 +848,13 @@ fn bench_cmd(a: BenchArgs, device: Option<&str>) -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
         } else {
             println!(
-                "inference, batch {} x {} tokens, {} threads: {:.3} s/batch, {:.1} sequences/s",
-                r.batch_size, r.seq_len, r.threads, r.seconds_per_batch, r.infer_seq_per_s
+                "inference ({}), batch {} x {} tokens, {} threads: {:.3} s/batch, {:.1} sequences/s",
+                r.precision,
+                r.batch_size,
+                r.seq_len,
+                r.threads,
+                r.seconds_per_batch,
+                r.infer_seq_per_s
             );
         }
         return Ok(());
@@ -840,8 +864,8 @@ fn bench_cmd(a: BenchArgs, device: Option<&str>) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{:?} training, batch {} x {} tokens, {} threads: {:.3} s/step (forward {:.3}, backward {:.3}, optimizer {:.3}), {:.1} sequences/s, {:.0} tokens/s ({} of {} parameters trainable)",
-            r.method, r.batch_size, r.seq_len, r.threads, r.seconds_per_step, r.forward_s, r.backward_s, r.optimizer_s, r.train_seq_per_s,
+            "{:?} training ({}), batch {} x {} tokens, {} threads: {:.3} s/step (forward {:.3}, backward {:.3}, optimizer {:.3}), {:.1} sequences/s, {:.0} tokens/s ({} of {} parameters trainable)",
+            r.method, r.precision, r.batch_size, r.seq_len, r.threads, r.seconds_per_step, r.forward_s, r.backward_s, r.optimizer_s, r.train_seq_per_s,
             r.train_tokens_per_s, r.params_trainable, r.params_total
         );
     }

@@ -144,6 +144,9 @@ pub struct LoadOptions {
     /// Store the frozen base's linear weights quantized (QLoRA); embeddings, LayerNorms, heads
     /// and adapters stay f32.
     pub quantize: Option<crate::peft::quant::QuantKind>,
+    /// Store the frozen base's linear weights in bf16 (`--precision bf16`); like `quantize`,
+    /// only for weights that do not train.
+    pub precision: crate::peft::bf16::Precision,
 }
 
 impl Default for LoadOptions {
@@ -157,8 +160,33 @@ impl Default for LoadOptions {
             hidden_dropout: None,
             attention_dropout: None,
             quantize: None,
+            precision: crate::peft::bf16::Precision::F32,
         }
     }
+}
+
+/// `--precision bf16` stores the frozen base in bf16: it needs a frozen base, and a quantized one
+/// is already below bf16.
+fn check_precision(opts: &LoadOptions) -> Result<()> {
+    use crate::peft::bf16::Precision;
+    if opts.precision == Precision::F32 {
+        return Ok(());
+    }
+    if opts.trainable == Trainable::All {
+        bail!(
+            "--precision {} stores the frozen base in bf16, but full fine-tuning trains every \
+             weight: use it with LoRA, or for predict/eval",
+            opts.precision
+        );
+    }
+    if let Some(kind) = opts.quantize {
+        bail!(
+            "--precision {} cannot be combined with a {kind}-quantized base (QLoRA already stores \
+             the frozen base below bf16)",
+            opts.precision
+        );
+    }
+    Ok(())
 }
 
 /// A classifier built from a directory, with its parameters and what loading found.
@@ -186,6 +214,7 @@ pub fn load_classifier(
     if opts.quantize.is_some() && opts.trainable == Trainable::All {
         bail!("a quantized base cannot be fine-tuned in full: use LoRA adapters (qlora-*)");
     }
+    check_precision(opts)?;
     let (weights, _format) = checkpoint::load_weights(dir, device)?;
     let mut weights = checkpoint::normalize_prefix(weights, "bert")?;
     if let Some(adapter) = adapter {
@@ -226,7 +255,8 @@ pub fn load_classifier(
         Box::new(|n: &str| is_head(n) || n.contains(".lora_"));
     let mut builder = ParamBuilder::new(weights, opts.trainable, opts.seed, may_init, device)
         .with_lora(lora.clone())
-        .with_quantize(opts.quantize);
+        .with_quantize(opts.quantize)
+        .with_precision(opts.precision);
     let model = SequenceClassifier::build(&mut builder, &config, num_labels, opts.pooling)
         .with_context(|| format!("loading {}", dir.display()))?;
     let (params, report) = builder

@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::ops::Initializer;
+use crate::peft::bf16::{Bf16Weight, Precision};
 use crate::peft::quant::{QuantKind, QuantizedWeight};
 use crate::peft::LoraConfig;
 
@@ -25,6 +26,8 @@ pub struct ParamStore {
     pub entries: BTreeMap<String, Param>,
     /// Frozen linear weights held quantized (QLoRA); absent from `entries`.
     pub quantized: BTreeMap<String, Arc<QuantizedWeight>>,
+    /// Frozen linear weights held in bf16 (`--precision bf16`); absent from `entries`.
+    pub bf16: BTreeMap<String, Arc<Bf16Weight>>,
 }
 
 impl ParamStore {
@@ -40,9 +43,11 @@ impl ParamStore {
             .map(|p| p.tensor.elem_count())
             .sum::<usize>()
             + self.quantized.values().map(|q| q.numel()).sum::<usize>()
+            + self.bf16.values().map(|w| w.numel()).sum::<usize>()
     }
 
-    /// Bytes the weights occupy: f32/f64 tensors at their size, quantized ones as stored.
+    /// Bytes the weights occupy: f32/f64 tensors at their size, quantized and bf16 ones as
+    /// stored (a bf16 weight's input-gradient packing counts once a backward pass built it).
     pub fn weight_bytes(&self) -> usize {
         self.entries
             .values()
@@ -53,6 +58,7 @@ impl ParamStore {
                 .values()
                 .map(|q| q.storage_bytes())
                 .sum::<usize>()
+            + self.bf16.values().map(|w| w.storage_bytes()).sum::<usize>()
     }
 
     /// The gradient of every trainable tensor that `store` holds, by parameter name.
@@ -117,6 +123,7 @@ pub struct ParamBuilder {
     pub(crate) lora: Option<LoraConfig>,
     pub(crate) lora_matched: HashSet<String>,
     quantize: Option<QuantKind>,
+    precision: Precision,
     initialized: Vec<String>,
     problems: Vec<String>,
     device: Device,
@@ -146,6 +153,7 @@ impl ParamBuilder {
             lora: None,
             lora_matched: HashSet::new(),
             quantize: None,
+            precision: Precision::F32,
             initialized: Vec::new(),
             problems: Vec::new(),
             device: device.clone(),
@@ -195,6 +203,30 @@ impl ParamBuilder {
         let q = Arc::new(QuantizedWeight::quantize(&dense, kind)?);
         self.store.quantized.insert(name.to_string(), q.clone());
         Ok(q)
+    }
+
+    /// Stores every frozen base linear weight in bf16 when `precision` says so. As with
+    /// quantization, heads, adapters, embeddings and LayerNorms stay f32.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// Whether the linear weight `name` is held in bf16: frozen, not a head, not an adapter.
+    pub fn bf16_for(&self, name: &str) -> bool {
+        self.precision == Precision::Bf16
+            && !self.is_trainable(name)
+            && !is_head(name)
+            && !name.contains(".lora_")
+    }
+
+    /// Like [`Self::get`], then rounds the tensor to bf16 and keeps only the bf16 copy.
+    pub fn get_bf16(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Arc<Bf16Weight>> {
+        let dense = self.get(name, shape, init)?;
+        self.store.entries.remove(name);
+        let w = Arc::new(Bf16Weight::new(&dense)?);
+        self.store.bf16.insert(name.to_string(), w.clone());
+        Ok(w)
     }
 
     /// Parameter precision (F32 by default; F64 for gradient checks).

@@ -6,6 +6,7 @@
 //! names follow PEFT (`<module>.lora_A.weight`, `<module>.lora_B.weight`).
 
 pub mod adapter;
+pub mod bf16;
 pub mod merge;
 pub mod quant;
 
@@ -16,6 +17,7 @@ use candle_core::Tensor;
 
 use crate::model::params::{Init, ParamBuilder};
 use crate::ops::{frozen_linear, ForwardCtx};
+use bf16::Bf16Weight;
 use quant::QuantizedWeight;
 
 /// LoRA hyper-parameters, as in PEFT's `LoraConfig`.
@@ -51,11 +53,12 @@ pub struct LoraAdapter {
     pub dropout: f64,
 }
 
-/// The base weight W (out, in) of a linear layer: f32 (trainable or frozen), or frozen and
-/// quantized for QLoRA.
+/// The base weight W (out, in) of a linear layer: f32 (trainable or frozen), frozen and
+/// quantized for QLoRA, or frozen in bf16 (`--precision bf16`).
 pub enum LinearBase {
     Dense(Tensor),
     Quantized(Arc<QuantizedWeight>),
+    Bf16(Arc<Bf16Weight>),
 }
 
 /// A linear layer `y = x W^T + b` (+ LoRA). The weight is (out, in) as in PyTorch.
@@ -85,6 +88,9 @@ impl Linear {
                 Init::Normal(std),
                 kind,
             )?),
+            None if b.bf16_for(&weight_name) => {
+                LinearBase::Bf16(b.get_bf16(&weight_name, &shape, Init::Normal(std))?)
+            }
             None => LinearBase::Dense(b.get(&weight_name, &shape, Init::Normal(std))?),
         };
         let bias = if bias {
@@ -133,6 +139,7 @@ impl Linear {
         match &self.base {
             LinearBase::Dense(w) => w.dims()[0],
             LinearBase::Quantized(q) => q.shape().0,
+            LinearBase::Bf16(w) => w.shape().0,
         }
     }
 
@@ -185,6 +192,14 @@ impl Linear {
                         let range = k * width..(k + 1) * width;
                         let y = quant::quantized_linear(&x2, q, range, frozen_bias)?;
                         (y, !trained_bias)
+                    }
+                    LinearBase::Bf16(w) => {
+                        let frozen_bias = bias.as_ref().filter(|_| !trained_bias);
+                        let range = k * width..(k + 1) * width;
+                        (
+                            bf16::bf16_linear(&x2, w, range, frozen_bias)?,
+                            !trained_bias,
+                        )
                     }
                 };
                 if let (Some(b), false) = (&bias, bias_added) {

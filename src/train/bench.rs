@@ -13,12 +13,15 @@ use serde::Serialize;
 use crate::model::params::Trainable;
 use crate::model::{self, LoadOptions, LoadedModel};
 use crate::ops::ForwardCtx;
+use crate::peft::bf16::Precision;
 use crate::train::config::{Method, TrainConfig};
 use crate::train::optim::AdamW;
 
 #[derive(Debug, Serialize)]
 pub struct BenchResult {
     pub method: Method,
+    /// How the frozen base's linear weights are held.
+    pub precision: Precision,
     pub batch_size: usize,
     pub seq_len: usize,
     pub threads: usize,
@@ -34,16 +37,17 @@ pub struct BenchResult {
     pub train_tokens_per_s: f64,
 }
 
-/// Times `steps` training steps after `warmup` untimed ones.
 /// What a measurement runs on: a model directory, a batch of `batch_size` random sequences of
-/// `seq_len` tokens, and the device.
+/// `seq_len` tokens, the device, and the precision of the frozen base.
 pub struct BenchSpec<'a> {
     pub model_dir: &'a Path,
     pub batch_size: usize,
     pub seq_len: usize,
     pub device: &'a Device,
+    pub precision: Precision,
 }
 
+/// Times `steps` training steps after `warmup` untimed ones.
 pub fn bench(spec: &BenchSpec, method: Method, warmup: usize, steps: usize) -> Result<BenchResult> {
     let (batch_size, seq_len) = (spec.batch_size, spec.seq_len);
     let mut run = Runner::new(spec, method)?;
@@ -60,6 +64,7 @@ pub fn bench(spec: &BenchSpec, method: Method, warmup: usize, steps: usize) -> R
     let loaded = &run.loaded;
     Ok(BenchResult {
         method,
+        precision: spec.precision,
         batch_size,
         seq_len,
         threads: candle_core::utils::get_num_threads(),
@@ -98,6 +103,7 @@ impl Runner {
                 .uses_adapters()
                 .then(|| crate::train::lora_config(&TrainConfig::default())),
             quantize: method.quantize(),
+            precision: spec.precision,
             ..LoadOptions::default()
         };
         let loaded = model::load_classifier(spec.model_dir, None, &opts, device)?;
@@ -156,6 +162,7 @@ fn random_batch(vocab: usize, spec: &BenchSpec) -> Result<(Tensor, Tensor)> {
 /// no dropout), class probabilities copied back to the host.
 #[derive(Debug, Serialize)]
 pub struct InferenceResult {
+    pub precision: Precision,
     pub batch_size: usize,
     pub seq_len: usize,
     pub threads: usize,
@@ -168,6 +175,7 @@ pub fn bench_inference(spec: &BenchSpec, warmup: usize, batches: usize) -> Resul
     let opts = LoadOptions {
         num_labels: Some(2),
         trainable: Trainable::Nothing,
+        precision: spec.precision,
         ..LoadOptions::default()
     };
     let loaded = model::load_classifier(spec.model_dir, None, &opts, spec.device)?;
@@ -186,6 +194,7 @@ pub fn bench_inference(spec: &BenchSpec, warmup: usize, batches: usize) -> Resul
     }
     let secs = start.elapsed().as_secs_f64() / batches.max(1) as f64;
     Ok(InferenceResult {
+        precision: spec.precision,
         batch_size: spec.batch_size,
         seq_len: spec.seq_len,
         threads: candle_core::utils::get_num_threads(),
@@ -237,6 +246,7 @@ fn tensor_bytes(t: &Tensor) -> usize {
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct MemoryResult {
     pub method: Method,
+    pub precision: Precision,
     pub batch_size: usize,
     pub seq_len: usize,
     pub params_total: usize,
@@ -297,6 +307,7 @@ pub fn bench_memory(spec: &BenchSpec, method: Method, steps: usize) -> Result<Me
     let optimizer_bytes = run.opt.state().values().map(tensor_bytes).sum();
     Ok(MemoryResult {
         method,
+        precision: spec.precision,
         batch_size,
         seq_len,
         params_total: params.num_params(),

@@ -137,6 +137,9 @@ pub struct TrainConfig {
     /// An adapter directory to start from (PEFT layout).
     pub adapter: Option<PathBuf>,
     pub method: Method,
+    /// `bf16` stores the frozen base's linear weights in bf16 (LoRA only; adapters, heads and
+    /// optimizer state stay f32).
+    pub precision: crate::peft::bf16::Precision,
     pub seed: u64,
     pub epochs: usize,
     /// Stop after this many optimiser steps (0: no cap).
@@ -191,6 +194,7 @@ impl Default for TrainConfig {
             out: PathBuf::from("runs/latest"),
             adapter: None,
             method: Method::Lora,
+            precision: crate::peft::bf16::Precision::F32,
             seed: 42,
             epochs: 3,
             max_steps: 0,
@@ -271,6 +275,17 @@ impl TrainConfig {
                 "unknown metric `{}`; choose one of {:?}",
                 self.metric,
                 crate::eval::Metrics::NAMES
+            );
+        }
+        if self.precision == crate::peft::bf16::Precision::Bf16 && self.method != Method::Lora {
+            bail!(
+                "precision bf16 stores the frozen base of a LoRA run in bf16; method {} has {}",
+                self.method.name(),
+                if self.method == Method::Full {
+                    "no frozen base"
+                } else {
+                    "a quantized one already"
+                }
             );
         }
         if self.method.uses_adapters() && self.lora.r == 0 {

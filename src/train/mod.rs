@@ -260,6 +260,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         hidden_dropout: cfg.hidden_dropout,
         attention_dropout: cfg.attention_dropout,
         quantize: cfg.method.quantize(),
+        precision: cfg.precision,
     };
     let LoadedModel {
         model,

@@ -1,0 +1,613 @@
+//! The GEMM behind `--precision bf16`: `C = A B (+ bias)` with A the f32 activations (rounded to
+//! bf16 per call), B a bf16 operand packed once, and f32 accumulation.
+//!
+//! candle's CPU matmul has no bf16 path, and widening bf16 to f32 before an f32 GEMM gains
+//! nothing but memory. AVX-512 BF16's `vdpbf16ps` multiplies 16 pairs of bf16 values and adds
+//! each pair's sum to one of 16 f32 lanes, twice the work of an f32 FMA per instruction, so the
+//! kernel is built around it: B in panels of [`NR`] columns whose depth runs in pairs, A converted
+//! per call to rows of bf16 pairs, and an `MR x NR` register tile of 24 zmm accumulators. Work
+//! is split into jobs of up to 64 rows times a group of panels on rayon's pool (`--threads`).
+//! CPUs without the instruction (or not x86-64) take [`gemm_portable`]: the same bf16 values
+//! widened to f32 and multiplied by candle's f32 GEMM.
+
+use std::ops::Range;
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+/// Output columns per packed panel: three 16-lane f32 vectors.
+pub const NR: usize = 48;
+/// Rows per micro-tile. `MR x 3` = 24 of the 32 zmm registers accumulate; the other 8 hold the
+/// three B vectors of a depth pair and the A broadcast, so nothing spills in the inner loop.
+pub const MR: usize = 8;
+/// Micro-tiles per parallel job (64 rows). A job walks its panels with the same rows, so the
+/// rows' bf16 copy (at most 64 x 3072 x 2 B = 384 KiB here) and one B panel (48 x 3072 x 2 B =
+/// 288 KiB) share the 1 MiB L2 of a Zen 4 core.
+const TILES_PER_JOB: usize = 8;
+/// Widened B elements per portable step (1 MiB of f32), as the quantized path tiles.
+const PORTABLE_TILE: usize = 1 << 18;
+
+/// `v` rounded to the nearest bf16, ties to even; NaN stays NaN (quieted, sign kept) and the
+/// infinities stay infinite. Subnormals are rounded like any other value.
+pub fn f32_to_bf16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    if v.is_nan() {
+        return ((bits >> 16) as u16) | 0x0040;
+    }
+    // Adding 0x7fff plus the lowest kept bit carries into the kept half exactly when the dropped
+    // half is above one half, or equal to it with an odd kept half. Overflow rounds to infinity
+    // through the exponent, as IEEE rounding does; no finite or infinite input reaches 2^32.
+    let round = 0x7fff + ((bits >> 16) & 1);
+    ((bits + round) >> 16) as u16
+}
+
+/// The f32 a bf16 value stands for (exact).
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Whether this CPU runs the AVX-512 BF16 kernel (checked once by the standard library, then a
+/// cached flag).
+pub fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A (cols x depth) operand `B(j, c)` in bf16, packed as [panel][depth pair][NR][2]: one 64-byte
+/// load gives 16 columns with two consecutive depth values each (the pairs `vdpbf16ps`
+/// multiplies), and a panel is read front to back. Depth is padded to even and columns to whole
+/// panels with zeros.
+pub struct PackedB {
+    cols: usize,
+    depth: usize,
+    data: Vec<u16>,
+}
+
+impl PackedB {
+    /// Packs the bf16 values `value(j, c)`, panels in parallel.
+    pub fn pack(cols: usize, depth: usize, value: impl Fn(usize, usize) -> u16 + Sync) -> Self {
+        let panel_len = depth.div_ceil(2) * NR * 2;
+        let mut data = vec![0u16; cols.div_ceil(NR) * panel_len];
+        data.par_chunks_mut(panel_len.max(1))
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let width = NR.min(cols - p * NR);
+                // Depth outer: the writes of one depth value are 2 apart.
+                for c in 0..depth {
+                    let at = (c / 2) * NR * 2 + c % 2;
+                    for jj in 0..width {
+                        panel[at + 2 * jj] = value(p * NR + jj, c);
+                    }
+                }
+            });
+        PackedB { cols, depth, data }
+    }
+
+    /// Depth pairs per panel.
+    fn pairs(&self) -> usize {
+        self.depth.div_ceil(2)
+    }
+
+    /// `B(j, c)` as stored.
+    pub fn get(&self, j: usize, c: usize) -> u16 {
+        self.data[((j / NR * self.pairs() + c / 2) * NR + j % NR) * 2 + c % 2]
+    }
+
+    /// Columns `cols` over the depth `depth` widened to f32, row-major `(cols.len(),
+    /// depth.len())`: for the forward packing, the weight rows they came from.
+    pub fn widen(&self, cols: Range<usize>, depth: Range<usize>) -> Vec<f32> {
+        cols.flat_map(|j| depth.clone().map(move |c| bf16_to_f32(self.get(j, c))))
+            .collect()
+    }
+
+    /// Bytes held, padding included.
+    pub fn bytes(&self) -> usize {
+        2 * self.data.len()
+    }
+}
+
+/// `out[i][j - cols.start] = sum over c in depth of a[i][c - depth.start] * B(j, c)`, plus
+/// `bias[j - cols.start]`, for the `m` rows of `a` (row-major `m x depth.len()`) and `j` in
+/// `cols`; `out` is row-major `m x cols.len()`. A is rounded to bf16, the sums are f32. Runs
+/// on rayon's pool, with the AVX-512 BF16 kernel where the CPU has it.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    a: &[f32],
+    m: usize,
+    depth: Range<usize>,
+    b: &PackedB,
+    cols: Range<usize>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> candle_core::Result<()> {
+    check_operands(a, m, &depth, b, &cols, bias, out)?;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        // SAFETY: the CPU has AVX-512 F, BW and BF16 (checked just above), and the operand
+        // sizes the kernel indexes by were checked by `check_operands`.
+        unsafe { avx512::gemm(a, m, depth, b, cols, bias, out) };
+        return Ok(());
+    }
+    gemm_portable(a, m, depth, b, cols, bias, out)
+}
+
+/// [`gemm`] without AVX-512 BF16: A rounded to bf16 and B widened to f32 a tile of columns at a
+/// time, multiplied by candle's f32 GEMM (the same products, summed in another order).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_portable(
+    a: &[f32],
+    m: usize,
+    depth: Range<usize>,
+    b: &PackedB,
+    cols: Range<usize>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> candle_core::Result<()> {
+    check_operands(a, m, &depth, b, &cols, bias, out)?;
+    let rounded: Vec<f32> = a.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
+    let a = Tensor::from_vec(rounded, (m, depth.len()), &Device::Cpu)?;
+    let step = (PORTABLE_TILE / depth.len().max(1)).max(1);
+    let width = cols.len();
+    for j0 in cols.clone().step_by(step) {
+        let j1 = (j0 + step).min(cols.end);
+        let w = Tensor::from_vec(
+            b.widen(j0..j1, depth.clone()),
+            (j1 - j0, depth.len()),
+            a.device(),
+        )?;
+        let part: Vec<f32> = a.matmul(&w.t()?)?.flatten_all()?.to_vec1()?;
+        for (i, row) in part.chunks(j1 - j0).enumerate() {
+            let at = i * width + j0 - cols.start;
+            for (jj, (o, &v)) in out[at..at + row.len()].iter_mut().zip(row).enumerate() {
+                *o = v + bias.map_or(0.0, |b| b[j0 - cols.start + jj]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The sizes both paths rely on; a mismatch is a bug in the caller, reported rather than read
+/// out of bounds.
+fn check_operands(
+    a: &[f32],
+    m: usize,
+    depth: &Range<usize>,
+    b: &PackedB,
+    cols: &Range<usize>,
+    bias: Option<&[f32]>,
+    out: &[f32],
+) -> candle_core::Result<()> {
+    let fits = depth.start <= depth.end
+        && depth.end <= b.depth
+        && cols.start <= cols.end
+        && cols.end <= b.cols
+        && a.len() == m * depth.len()
+        && out.len() == m * cols.len()
+        && bias.is_none_or(|v| v.len() == cols.len());
+    if !fits {
+        candle_core::bail!(
+            "bf16 gemm: A {m} x {depth:?} ({} values), B {} x {}, columns {cols:?}, out {} values, \
+             bias {:?}",
+            a.len(),
+            b.cols,
+            b.depth,
+            out.len(),
+            bias.map(<[f32]>::len)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{PackedB, MR, NR, TILES_PER_JOB};
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// The output shared by the parallel jobs, each of which writes its own rectangle of it.
+    struct SharedOut(*mut f32);
+    // SAFETY: jobs write disjoint rectangles (distinct row blocks or distinct panels), and the
+    // buffer outlives the parallel loop that uses the pointer.
+    unsafe impl Sync for SharedOut {}
+    unsafe impl Send for SharedOut {}
+
+    /// See [`super::gemm`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and BF16, and the operands must satisfy
+    /// [`super::check_operands`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn gemm(
+        a: &[f32],
+        m: usize,
+        depth: Range<usize>,
+        b: &PackedB,
+        cols: Range<usize>,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        // A's depth index c maps to the pair c / 2 of B; an odd start puts a zero before it.
+        let lead = depth.start % 2;
+        let first_pair = depth.start / 2;
+        let pairs = (lead + depth.len()).div_ceil(2);
+        let tiles = m.div_ceil(MR);
+        let packed_a = pack_a(a, m, depth.len(), lead, pairs);
+        let panels = cols.start / NR..cols.end.div_ceil(NR);
+        let blocks = tiles.div_ceil(TILES_PER_JOB);
+        // Enough jobs for every thread to get several (few rows: split the panels instead).
+        let groups = (4 * rayon::current_num_threads())
+            .div_ceil(blocks.max(1))
+            .clamp(1, panels.len().max(1));
+        let per_group = panels.len().div_ceil(groups);
+        let width = cols.len();
+        let b_panel_len = b.pairs() * NR * 2;
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        (0..blocks * groups).into_par_iter().for_each(|job| {
+            let out_ptr = &out_ptr;
+            let (block, group) = (job / groups, job % groups);
+            let first_panel = panels.start + group * per_group;
+            for panel in first_panel..(first_panel + per_group).min(panels.end) {
+                let j0 = panel * NR;
+                let (lo, hi) = (j0.max(cols.start), (j0 + NR).min(cols.end));
+                // SAFETY: `first_pair + pairs <= b.pairs()` since depth.end <= b.depth, and the
+                // panel exists since j0 < cols.end <= b.cols.
+                let b_at = unsafe {
+                    b.data
+                        .as_ptr()
+                        .add(panel * b_panel_len + first_pair * NR * 2)
+                };
+                let tile_end = ((block + 1) * TILES_PER_JOB).min(tiles);
+                for tile in block * TILES_PER_JOB..tile_end {
+                    let i0 = tile * MR;
+                    let rows = MR.min(m - i0);
+                    // SAFETY: packed_a holds `tiles * MR` rows of `pairs` values.
+                    let a_at = unsafe { packed_a.as_ptr().add(tile * MR * pairs) };
+                    if rows == MR && lo == j0 && hi == j0 + NR {
+                        // A whole tile: straight into the output, bias added on the way.
+                        let bias_at = bias.map(|v| v[j0 - cols.start..].as_ptr());
+                        // SAFETY: rows i0..i0 + MR and columns j0..j0 + NR lie inside `out`
+                        // (m x width) and this job's rectangle; bias has NR values from j0.
+                        unsafe {
+                            let c = out_ptr.0.add(i0 * width + j0 - cols.start);
+                            micro_tile(a_at, b_at, pairs, bias_at, c, width);
+                        }
+                    } else {
+                        // An edge tile: computed whole into a scratch tile, the valid part copied.
+                        let mut scratch = [0f32; MR * NR];
+                        // SAFETY: the scratch tile is MR x NR with stride NR.
+                        unsafe { micro_tile(a_at, b_at, pairs, None, scratch.as_mut_ptr(), NR) };
+                        for r in 0..rows {
+                            for j in lo..hi {
+                                let v = scratch[r * NR + j - j0]
+                                    + bias.map_or(0.0, |v| v[j - cols.start]);
+                                // SAFETY: row i0 + r < m and column j - cols.start < width, in
+                                // this job's rectangle.
+                                unsafe { *out_ptr.0.add((i0 + r) * width + j - cols.start) = v };
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// A (`m x len`) as rows of bf16 pairs (one u32 per pair, the earlier depth value in the
+    /// low half as `vdpbf16ps` pairs them), `pairs` per row after `lead` zeros, rows padded with
+    /// zeros to whole tiles. Row-major, so the conversion stores whole vectors; the micro-kernel
+    /// reads MR rows side by side, each sequentially.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn pack_a(a: &[f32], m: usize, len: usize, lead: usize, pairs: usize) -> Vec<u32> {
+        let mut packed = vec![0u32; m.div_ceil(MR) * MR * pairs];
+        packed
+            .par_chunks_mut(pairs.max(1))
+            .take(m)
+            .enumerate()
+            .with_min_len(8)
+            .for_each(|(i, row)| {
+                // SAFETY: the same memory viewed as twice as many u16 (a weaker alignment, any
+                // bit pattern valid), borrowed exclusively like `row`.
+                let row16: &mut [u16] = unsafe {
+                    std::slice::from_raw_parts_mut(row.as_mut_ptr().cast(), 2 * row.len())
+                };
+                // The closure inherits this function's target features.
+                round_row(&a[i * len..(i + 1) * len], &mut row16[lead..lead + len]);
+            });
+        packed
+    }
+
+    /// `out[i] = bf16(row[i])`, 32 at a time (`vcvtne2ps2bf16`: round to nearest even; unlike
+    /// [`super::f32_to_bf16`] it flushes subnormals, below 1.2e-38, to zero).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn round_row(row: &[f32], out: &mut [u16]) {
+        debug_assert_eq!(row.len(), out.len());
+        for (src, dst) in row.chunks(32).zip(out.chunks_mut(32)) {
+            let n = src.len();
+            let low_mask: __mmask16 = if n >= 16 { 0xffff } else { (1u16 << n) - 1 };
+            let high_mask: __mmask16 = if n >= 32 {
+                0xffff
+            } else if n > 16 {
+                (1u16 << (n - 16)) - 1
+            } else {
+                0
+            };
+            let out_mask: __mmask32 = if n >= 32 { u32::MAX } else { (1u32 << n) - 1 };
+            // SAFETY: the masks cover only the n valid elements of `src` and `dst` (masked-off
+            // lanes are neither read nor written).
+            unsafe {
+                let low = _mm512_maskz_loadu_ps(low_mask, src.as_ptr());
+                let high = _mm512_maskz_loadu_ps(high_mask, src.as_ptr().add(16.min(n)));
+                let bf16: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
+                _mm512_mask_storeu_epi16(dst.as_mut_ptr().cast(), out_mask, bf16);
+            }
+        }
+    }
+
+    /// One `MR x NR` tile over `pairs` depth pairs: `c[r][j] = sum a[r] * b[j] (+ bias[j])`.
+    ///
+    /// # Safety
+    /// `a` holds MR rows of `pairs` values and `b` `pairs * NR * 2` values; `c` has MR rows of NR writable
+    /// floats `ldc` apart; `bias`, when given, has NR values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn micro_tile(
+        a: *const u32,
+        b: *const u16,
+        pairs: usize,
+        bias: Option<*const f32>,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+        for p in 0..pairs {
+            // SAFETY (this block): p < pairs, within the sizes the caller guarantees.
+            unsafe {
+                let bp = b.add(p * NR * 2);
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32).cast()));
+                let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(64).cast()));
+                let ap = a.add(p);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let pair: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*ap.add(r * pairs) as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], pair, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], pair, b1);
+                    acc[2] = _mm512_dpbf16_ps(acc[2], pair, b2);
+                }
+            }
+        }
+        let bias = match bias {
+            // SAFETY: bias has NR = 48 values.
+            Some(v) => unsafe {
+                [
+                    _mm512_loadu_ps(v),
+                    _mm512_loadu_ps(v.add(16)),
+                    _mm512_loadu_ps(v.add(32)),
+                ]
+            },
+            None => [_mm512_setzero_ps(); 3],
+        };
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, (&sum, &bias)) in acc.iter().zip(&bias).enumerate() {
+                // SAFETY: row r < MR and columns 16 v .. 16 v + 16 <= NR of c are writable.
+                unsafe { _mm512_storeu_ps(c.add(r * ldc + 16 * v), _mm512_add_ps(sum, bias)) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::ops::Initializer;
+
+    #[test]
+    fn bf16_rounding_is_nearest_even_and_keeps_nan_and_infinity() {
+        let one = 0x3f80;
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: the even neighbour (1) wins; 1 + 3 * 2^-8
+        // lies halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even).
+        assert_eq!(f32_to_bf16(1.0), one);
+        assert_eq!(f32_to_bf16(1.0 + 2f32.powi(-8)), one);
+        assert_eq!(f32_to_bf16(1.0 + 3.0 * 2f32.powi(-8)), one + 2);
+        assert_eq!(f32_to_bf16(1.0 + 2f32.powi(-8) + 2f32.powi(-20)), one + 1);
+        assert_eq!(
+            f32_to_bf16(-(1.0 + 2f32.powi(-8) + 2f32.powi(-20))),
+            0x8000 | (one + 1)
+        );
+        assert_eq!(f32_to_bf16(-0.0), 0x8000);
+        assert_eq!(f32_to_bf16(f32::INFINITY), 0x7f80);
+        assert_eq!(f32_to_bf16(f32::NEG_INFINITY), 0xff80);
+        // The largest f32 is above bf16's largest finite value by more than half a step.
+        assert_eq!(f32_to_bf16(f32::MAX), 0x7f80);
+        // A NaN whose payload sits only in the dropped bits must not turn into infinity.
+        for bits in [0x7f80_0001u32, 0xff80_0001, 0x7fc0_0000, 0x7fff_ffff] {
+            let b = f32_to_bf16(f32::from_bits(bits));
+            assert!(bf16_to_f32(b).is_nan(), "{bits:#x} -> {b:#x}");
+            assert_eq!(b >> 15, (bits >> 31) as u16, "sign of {bits:#x}");
+        }
+        // Against the definition on random finite values (subnormals included): the nearer of
+        // the two bf16 neighbours, the even one on a tie.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let v = f32::from_bits(state as u32);
+            if !v.is_finite() {
+                continue;
+            }
+            let down = (v.to_bits() >> 16) as u16;
+            let up = down + 1;
+            // Past the largest finite bf16, the next value up is 2^128 (stored as infinity).
+            let up_value = match up & 0x7f80 {
+                0x7f80 => (v as f64).signum() * 2f64.powi(128),
+                _ => bf16_to_f32(up) as f64,
+            };
+            let (d_down, d_up) = (
+                (v as f64 - bf16_to_f32(down) as f64).abs(),
+                (up_value - v as f64).abs(),
+            );
+            let want = if d_down < d_up || (d_down == d_up && down.is_multiple_of(2)) {
+                down
+            } else {
+                up
+            };
+            assert_eq!(f32_to_bf16(v), want, "{v:e} ({:#x})", v.to_bits());
+        }
+    }
+
+    /// bf16-rounded random values.
+    pub(in crate::peft::bf16) fn rounded(init: &mut Initializer, n: usize) -> Vec<f32> {
+        init.normal(n, 1.0)
+            .into_iter()
+            .map(|v| bf16_to_f32(f32_to_bf16(v)))
+            .collect()
+    }
+
+    /// `out` against the f64 sums of the (already bf16) operands. Products of two bf16 values are
+    /// exact in f32, so only the f32 summation errs: at most about `k * 2^-24` of the sum of
+    /// absolute terms for `k` terms, doubled for the pairwise sums inside `vdpbf16ps`. One
+    /// wrong, missing or doubled term (about `1/k` of that sum) exceeds it. `out_rounding` is
+    /// the relative rounding of results stored in a narrower type afterwards (0 for f32).
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::peft::bf16) fn check_against_reference(
+        what: &str,
+        a: &[f32],
+        m: usize,
+        depth: &Range<usize>,
+        w: &dyn Fn(usize, usize) -> f32,
+        cols: &Range<usize>,
+        bias: Option<&[f32]>,
+        out: &[f32],
+        out_rounding: f64,
+    ) {
+        let k = depth.len();
+        for i in 0..m {
+            for j in cols.clone() {
+                let (mut sum, mut abs) = (0f64, 0f64);
+                for c in depth.clone() {
+                    let t = a[i * k + c - depth.start] as f64 * w(j, c) as f64;
+                    sum += t;
+                    abs += t.abs();
+                }
+                let b = bias.map_or(0.0, |b| b[j - cols.start] as f64);
+                let got = out[i * cols.len() + j - cols.start] as f64;
+                let tol = 2.0 * (k as f64 + 1.0) * 2f64.powi(-24) * (abs + b.abs())
+                    + out_rounding * (sum + b).abs()
+                    + 1e-30;
+                assert!(
+                    (got - sum - b).abs() <= tol,
+                    "{what}: m {m} depth {depth:?} cols {cols:?}: ({i}, {j}) = {got}, want {} \
+                     (tolerance {tol:e})",
+                    sum + b
+                );
+            }
+        }
+    }
+
+    /// Shapes: K = 1, odd M/N/K, less than one tile or panel, several panels and job blocks,
+    /// column windows that start and end inside a panel, and depth windows with odd starts.
+    const SHAPES: [(usize, usize, usize); 8] = [
+        (1, 1, 1),
+        (3, 1, 5),
+        (8, 2, 48),
+        (9, 17, 49),
+        (17, 33, 97),
+        (5, 64, 200),
+        (67, 130, 150),
+        (130, 300, 96),
+    ];
+
+    #[test]
+    fn gemm_equals_the_f64_sums_of_the_rounded_operands() {
+        let mut init = Initializer::new(31);
+        for (m, k, n) in SHAPES {
+            let a = rounded(&mut init, m * k);
+            let w = rounded(&mut init, n * k);
+            let wf = |j: usize, c: usize| w[j * k + c];
+            let b = PackedB::pack(n, k, |j, c| f32_to_bf16(wf(j, c)));
+            assert_eq!(b.widen(0..n, 0..k), w, "packing round trip");
+            let bias_all = init.normal(n, 1.0);
+            // Whole width; a window starting and ending inside panels; a single column.
+            for cols in [0..n, n / 3..n - n / 4, n - 1..n] {
+                for bias in [None, Some(&bias_all[cols.clone()])] {
+                    let mut out = vec![f32::NAN; m * cols.len()];
+                    gemm(&a, m, 0..k, &b, cols.clone(), bias, &mut out).unwrap();
+                    check_against_reference("gemm", &a, m, &(0..k), &wf, &cols, bias, &out, 0.0);
+                }
+            }
+            // A depth window (the input gradient of a row block): A covers depth 1..k-1 only.
+            if k >= 3 {
+                let depth = 1..k - 1;
+                let a = rounded(&mut init, m * depth.len());
+                let mut out = vec![f32::NAN; m * n];
+                gemm(&a, m, depth.clone(), &b, 0..n, None, &mut out).unwrap();
+                check_against_reference(
+                    "depth window",
+                    &a,
+                    m,
+                    &depth,
+                    &wf,
+                    &(0..n),
+                    None,
+                    &out,
+                    0.0,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn portable_path_equals_the_avx512_path() {
+        if !has_avx512_bf16() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16, both calls take the portable path");
+            return;
+        }
+        let mut init = Initializer::new(37);
+        for (m, k, n) in SHAPES {
+            // Unrounded activations: both paths must round them the same way.
+            let a = init.normal(m * k, 1.0);
+            let w = rounded(&mut init, n * k);
+            let b = PackedB::pack(n, k, |j, c| f32_to_bf16(w[j * k + c]));
+            let bias = init.normal(n - n / 2, 1.0);
+            let cols = n / 2..n;
+            let mut fast = vec![f32::NAN; m * cols.len()];
+            let mut portable = vec![f32::NAN; m * cols.len()];
+            gemm(&a, m, 0..k, &b, cols.clone(), Some(&bias), &mut fast).unwrap();
+            gemm_portable(&a, m, 0..k, &b, cols.clone(), Some(&bias), &mut portable).unwrap();
+            let a_rounded: Vec<f32> = a.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
+            let wf = |j: usize, c: usize| w[j * k + c];
+            for (what, out) in [("avx512", &fast), ("portable", &portable)] {
+                check_against_reference(
+                    what,
+                    &a_rounded,
+                    m,
+                    &(0..k),
+                    &wf,
+                    &cols,
+                    Some(&bias),
+                    out,
+                    0.0,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_operands_are_an_error_not_a_read_out_of_bounds() {
+        let b = PackedB::pack(4, 3, |_, _| 0);
+        let mut out = vec![0f32; 2 * 4];
+        assert!(gemm(&[0.0; 5], 2, 0..3, &b, 0..4, None, &mut out).is_err());
+        assert!(gemm(&[0.0; 8], 2, 0..4, &b, 0..4, None, &mut out).is_err());
+        assert!(gemm(&[0.0; 6], 2, 0..3, &b, 1..5, None, &mut out).is_err());
+        assert!(gemm(&[0.0; 6], 2, 0..3, &b, 0..4, Some(&[0.0; 3]), &mut out).is_err());
+        assert!(gemm(&[0.0; 6], 2, 0..3, &b, 0..4, None, &mut out).is_ok());
+    }
+}
