@@ -12,11 +12,15 @@ Modes (one JSON object on stdout, peak RSS from `resource.getrusage`, loading in
   train:    `--method full|lora`: warm-up steps, then timed optimiser steps on a fixed random batch
   infer:    eval mode, `torch.inference_mode()`, forward passes over random batches
   tokenize: Python `tokenizers` on the sequences of a CSV (column `sequence`)
+
+`--bf16` runs the forward pass (and the loss) under `torch.autocast("cpu", dtype=torch.bfloat16)`,
+PyTorch's own mixed precision: the counterpart of dnatune's `--precision bf16`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -82,6 +86,13 @@ def load_model(model_dir: Path):
     return model, config
 
 
+def precision(args):
+    """bf16 autocast when `--bf16` is given, else nothing."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+
 def train(args) -> dict:
     import torch
 
@@ -107,7 +118,8 @@ def train(args) -> dict:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
+        with precision(args):
+            loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
         loss.backward()
         opt.step()
         return loss.item()
@@ -121,6 +133,7 @@ def train(args) -> dict:
     return {
         "mode": "train",
         "method": args.method,
+        "bf16": args.bf16,
         "params_total": sum(p.numel() for p in model.parameters()),
         "params_trainable": sum(p.numel() for p in params),
         "seconds_per_step": secs,
@@ -139,7 +152,7 @@ def infer(args) -> dict:
         for _ in range(args.steps)
     ]
     mask = torch.ones_like(batches[0])
-    with torch.inference_mode():
+    with torch.inference_mode(), precision(args):
         for _ in range(args.warmup):
             model(batches[0], mask)
         start = time.perf_counter()
@@ -148,6 +161,7 @@ def infer(args) -> dict:
         secs = time.perf_counter() - start
     return {
         "mode": "infer",
+        "bf16": args.bf16,
         "sequences": args.batch_size * args.steps,
         "seconds": secs,
         "seq_per_s": args.batch_size * args.steps / secs,
@@ -187,6 +201,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (train and infer)")
     ap.add_argument("--tokenizer", type=Path)
     ap.add_argument("--sequences", type=Path, help="CSV with a `sequence` column (tokenize mode)")
     args = ap.parse_args()
