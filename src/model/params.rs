@@ -198,8 +198,7 @@ impl ParamBuilder {
         init: Init,
         kind: QuantKind,
     ) -> Result<Arc<QuantizedWeight>> {
-        let dense = self.get(name, shape, init)?;
-        self.store.entries.remove(name);
+        let dense = self.take_for_conversion(name, shape, init)?;
         let q = Arc::new(QuantizedWeight::quantize(&dense, kind)?);
         self.store.quantized.insert(name.to_string(), q.clone());
         Ok(q)
@@ -222,11 +221,20 @@ impl ParamBuilder {
 
     /// Like [`Self::get`], then rounds the tensor to bf16 and keeps only the bf16 copy.
     pub fn get_bf16(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Arc<Bf16Weight>> {
-        let dense = self.get(name, shape, init)?;
-        self.store.entries.remove(name);
+        let dense = self.take_for_conversion(name, shape, init)?;
         let w = Arc::new(Bf16Weight::new(&dense)?);
         self.store.bf16.insert(name.to_string(), w.clone());
         Ok(w)
+    }
+
+    /// The f32 tensor `name` for a caller that stores it converted (quantized or bf16): neither
+    /// the store nor the loaded checkpoint keeps it, so its memory is free again once converted
+    /// and the next conversions reuse it instead of adding to the peak.
+    fn take_for_conversion(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let dense = self.get(name, shape, init)?;
+        self.store.entries.remove(name);
+        self.loaded.remove(name);
+        Ok(dense)
     }
 
     /// Parameter precision (F32 by default; F64 for gradient checks).
