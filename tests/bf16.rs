@@ -6,6 +6,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+
+mod common;
+use common::step_losses;
 use dnatune::model::config::{Architecture, ModelConfig};
 use dnatune::model::params::Trainable;
 use dnatune::model::{self, LoadOptions, LoadedModel};
@@ -162,18 +165,6 @@ fn bf16_with_full_fine_tuning_or_a_quantized_base_is_refused() {
         };
         assert!(cfg.validate().is_err(), "{method:?}");
     }
-}
-
-/// Losses logged at each optimiser step of a short run.
-fn step_losses(run: &Path) -> Vec<f64> {
-    dnatune::eval::read_log(&run.join("log.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| match e {
-            dnatune::eval::LogEntry::Train { loss, .. } => Some(loss),
-            _ => None,
-        })
-        .collect()
 }
 
 /// A LoRA run of the shipped pre-trained model with its base in bf16 follows the f32 run's loss

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use dnatune::train::config::{Method, TrainConfig};
 
+mod common;
+use common::step_losses;
+
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
@@ -234,18 +237,6 @@ fn rerun_seed_sweep_reuses_finished_seeds_and_resumes_interrupted_ones() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("another configuration"), "{stderr}");
-}
-
-/// Losses logged at each optimiser step of a short run.
-fn step_losses(run: &Path) -> Vec<f64> {
-    dnatune::eval::read_log(&run.join("log.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| match e {
-            dnatune::eval::LogEntry::Train { loss, .. } => Some(loss),
-            _ => None,
-        })
-        .collect()
 }
 
 #[test]
