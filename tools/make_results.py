@@ -108,8 +108,8 @@ def main() -> int:
         f"checkpoint tested; every configuration pools the mean over tokens and trains without hidden dropout "
         f"(see `SHARED_ARGS` in the script for why). {args.jobs} training process(es) of {args.threads} CPU thread(s) at a time. "
         f"Made by `tools/make_results.py` "
-        f"({len(pending)} runs made by this invocation in {hours:.1f} h, {len(commands) - len(pending)} reused "
-        f"from earlier invocations).",
+        f"(this invocation ran or resumed {len(pending)} of the {len(commands)} seed sweeps in {hours:.1f} h and "
+        f"reused the rest; a sweep also reuses every seed an earlier invocation finished).",
         "",
         "| task | DNABERT-2-117M (published) | " + " | ".join(f"({k}) {v[0]}" for k, v in CONFIGS.items()) + " |",
         "| --- | --- | " + " | ".join("---" for _ in CONFIGS) + " |",
