@@ -1,6 +1,6 @@
 //! Numeric building blocks shared by the encoders and the adapters: fused layer norm, attention
-//! softmax and gated GELU, the frozen-weight matmul that skips weight gradients, dropout with a
-//! seeded generator, and seeded initialisers.
+//! (whole, over a fused q|k|v projection, or its softmax) and gated GELU, the frozen-weight matmul
+//! that skips weight gradients, dropout with a seeded generator, and seeded initialisers.
 
 use std::cell::Cell;
 
@@ -40,8 +40,24 @@ impl ForwardCtx {
 
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by 1/(1-p).
     pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
-        if !self.train || p <= 0.0 {
+        let Some(mask) = self.dropout_mask(x.elem_count(), p) else {
             return Ok(x.clone());
+        };
+        if fused_for(x) {
+            return x.contiguous()?.apply_op1(mask);
+        }
+        let ones = vec![1f32; x.elem_count()];
+        let values = Tensor::from_vec(mask.apply(&ones), x.shape(), x.device())?;
+        x.mul(&values.to_dtype(x.dtype())?)
+    }
+}
+
+impl ForwardCtx {
+    /// The mask of the next dropout of `elements` values with probability `p` (None when
+    /// nothing is dropped), advancing the stream past it.
+    fn dropout_mask(&self, elements: usize, p: f64) -> Option<DropoutMask> {
+        if !self.train || p <= 0.0 {
+            return None;
         }
         let keep = 1.0 - p;
         let mask = DropoutMask {
@@ -49,15 +65,10 @@ impl ForwardCtx {
             threshold: (keep * 4_294_967_296.0) as u64,
             scale: (1.0 / keep) as f32,
         };
-        let draws = x.elem_count().div_ceil(2) as u64;
+        let draws = elements.div_ceil(2) as u64;
         self.state
             .set(mask.start.wrapping_add(draws.wrapping_mul(SPLITMIX_GAMMA)));
-        if fused_for(x) {
-            return x.contiguous()?.apply_op1(mask);
-        }
-        let ones = vec![1f32; x.elem_count()];
-        let values = Tensor::from_vec(mask.apply(&ones), x.shape(), x.device())?;
-        x.mul(&values.to_dtype(x.dtype())?)
+        Some(mask)
     }
 }
 
@@ -73,27 +84,64 @@ struct DropoutMask {
 }
 
 impl DropoutMask {
+    /// Whether element `index` of the masked tensor is kept (what [`Self::apply`] decides for it).
+    fn keeps(&self, index: u64) -> bool {
+        let draw = index / 2 + 1;
+        let r = splitmix_mix(self.start.wrapping_add(draw.wrapping_mul(SPLITMIX_GAMMA)));
+        let half = if index.is_multiple_of(2) {
+            r & 0xFFFF_FFFF
+        } else {
+            r >> 32
+        };
+        half < self.threshold
+    }
+
     /// `x * mask`, element by element.
     fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         use rayon::prelude::*;
         const CHUNK: usize = 1 << 14;
-        let (kept, dropped) = (T::from_f64(self.scale as f64), T::from_f64(0.0));
-        let mut out = vec![dropped; x.len()];
+        let mut out = vec![T::from_f64(0.0); x.len()];
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .enumerate()
-            .for_each(|(c, (out, x))| {
-                let first_draw = (c * CHUNK / 2) as u64;
-                for (i, (out, x)) in out.chunks_mut(2).zip(x.chunks(2)).enumerate() {
-                    let draw = first_draw + i as u64 + 1;
-                    let r =
-                        splitmix_mix(self.start.wrapping_add(draw.wrapping_mul(SPLITMIX_GAMMA)));
-                    for ((o, &v), half) in out.iter_mut().zip(x).zip([r & 0xFFFF_FFFF, r >> 32]) {
-                        *o = v * if half < self.threshold { kept } else { dropped };
-                    }
-                }
-            });
+            .for_each(|(c, (out, x))| mask_chunk_wide(self, (c * CHUNK / 2) as u64, x, out));
         out
+    }
+}
+
+/// `out = x * mask` for a chunk of a tensor starting at pair `first_draw` of the mask stream.
+/// The draws of a block go to a buffer first and are applied in a second loop: both loops then
+/// vectorize (the first needs 64-bit multiplies, which AVX-512 DQ has).
+#[inline(always)]
+fn mask_chunk<T: WithDType>(mask: &DropoutMask, first_draw: u64, x: &[T], out: &mut [T]) {
+    const BLOCK: usize = 256;
+    let (kept, dropped) = (T::from_f64(mask.scale as f64), T::from_f64(0.0));
+    // Below 2^32: p > 0 keeps less than everything.
+    let threshold = mask.threshold as u32;
+    // Element 2i takes the low 32 bits of draw i, element 2i + 1 the high ones.
+    let mut halves = [0u32; 2 * BLOCK];
+    for (block, (out, x)) in out
+        .chunks_mut(2 * BLOCK)
+        .zip(x.chunks(2 * BLOCK))
+        .enumerate()
+    {
+        let first = first_draw + (block * BLOCK) as u64 + 1;
+        for (i, pair) in halves.chunks_exact_mut(2).enumerate() {
+            let draw = first + i as u64;
+            let r = splitmix_mix(mask.start.wrapping_add(draw.wrapping_mul(SPLITMIX_GAMMA)));
+            pair[0] = r as u32;
+            pair[1] = (r >> 32) as u32;
+        }
+        for ((o, &v), &half) in out.iter_mut().zip(x).zip(&halves) {
+            *o = v * if half < threshold { kept } else { dropped };
+        }
+    }
+}
+
+simd::multiversion! {
+    /// [`mask_chunk`], compiled for the widest instruction set available.
+    fn mask_chunk_wide<T: WithDType>(mask: &DropoutMask, first_draw: u64, x: &[T], out: &mut [T]) {
+        mask_chunk(mask, first_draw, x, out)
     }
 }
 
@@ -130,7 +178,9 @@ fn splitmix_mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+mod attention;
 mod fused;
+mod simd;
 
 thread_local! {
     static PLAIN_KERNELS: Cell<bool> = const { Cell::new(false) };
@@ -184,6 +234,49 @@ pub fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<T
     } else {
         softmax_last(&(scores * scale)?.broadcast_add(&bias.detach())?)
     }
+}
+
+/// Multi-head self-attention on a fused projection: `qkv` (B * T, 3 * hidden) holds every
+/// token's q, k and v side by side (DNABERT-2's `Wqkv` output); returns the context vectors
+/// (B * T, hidden), heads side by side. `bias` (B or 1, heads, T, T) is added to the scaled
+/// scores (ALiBi, the padding mask) and gets no gradient; `dropout` drops probabilities.
+pub fn qkv_attention(
+    qkv: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    seq_len: usize,
+    dropout: f64,
+    ctx: &ForwardCtx,
+) -> Result<Tensor> {
+    let (rows, width) = qkv.dims2()?;
+    if seq_len == 0 || rows % seq_len != 0 || width % (3 * heads) != 0 {
+        candle_core::bail!(
+            "attention: q|k|v ({rows}, {width}) for {heads} heads of {seq_len} tokens"
+        );
+    }
+    let (batch, hidden) = (rows / seq_len, width / 3);
+    let head_dim = hidden / heads;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    if fused_for(qkv) {
+        let op = attention::QkvAttention {
+            bias: bias.detach(),
+            heads,
+            seq_len,
+            scale,
+            dropout: ctx.dropout_mask(batch * heads * seq_len * seq_len, dropout),
+        };
+        return qkv.contiguous()?.apply_op1(op);
+    }
+    let part = |k: usize| {
+        qkv.narrow(1, k * hidden, hidden)?
+            .reshape((batch, seq_len, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let probs = attention_softmax(&q.matmul(&k.t()?)?, bias, scale)?;
+    let probs = ctx.dropout(&probs, dropout)?;
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((rows, hidden))
 }
 
 /// DNABERT-2's gated MLP activation: exact GELU of the first half of the last dimension times
@@ -379,7 +472,7 @@ mod tests {
     }
 
     /// The fused frozen product (with and without bias, on odd sizes and on a weight that is a
-    /// row block of a larger one, as the q/k/v split uses) equals the plain composition in
+    /// row block of a larger one) equals the plain composition in
     /// values and input gradient, and gives the weight and bias no gradient.
     #[test]
     fn frozen_linear_equals_plain_composition_with_input_gradient_only() {

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use dnatune::model::config::{Architecture, ModelConfig};
 use dnatune::model::params::{ParamBuilder, Trainable};
 use dnatune::model::{self, LoadOptions, Pooling, SequenceClassifier};
-use dnatune::ops::{alibi_slopes, ForwardCtx, Initializer};
+use dnatune::ops::{alibi_slopes, with_plain_kernels, ForwardCtx, Initializer};
 use dnatune::peft::{Linear, LoraConfig};
 use dnatune::tokenize::SingleNucleotideTokenizer;
 use dnatune::train::optim::AdamW;
@@ -414,58 +414,57 @@ fn class_count_mismatch_with_checkpoint_head_is_an_error() {
     assert!(format!("{err:#}").contains("classifier.weight"));
 }
 
-/// The q/k/v split of DNABERT-2's fused projection: blocks computed as separate products equal
-/// the fused product cut into blocks, in values and in every gradient (input, LoRA A and B, and
-/// the weight itself when it trains).
+/// A linear layer with a LoRA adapter on the fused CPU path (frozen product with the bias inside,
+/// 2-D inputs used without reshapes) equals the plain candle composition, for 2-D and 3-D
+/// inputs, in values and in every gradient (input, LoRA A and B, and the weight and bias
+/// themselves when they train).
 #[test]
-fn split_linear_equals_the_fused_product_cut_into_blocks() {
+fn linear_layer_equals_the_plain_composition_for_2d_and_3d_inputs() {
     let dev = Device::Cpu;
     for trainable in [Trainable::All, Trainable::AdaptersAndHead] {
-        let lora = LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            dropout: 0.0,
-            target_modules: vec!["Wqkv".into()],
-        };
-        let mut b = ParamBuilder::new(HashMap::new(), trainable, 3, Box::new(|_| true), &dev)
-            .with_dtype(DType::F64)
-            .with_lora(Some(lora));
-        let layer = Linear::build(&mut b, "Wqkv", 5, 9, true, 0.5).unwrap();
-        let (params, _) = b.finish().unwrap();
-        let mut init = Initializer::new(4);
-        let b_var = params.entries["Wqkv.lora_B.weight"].var.clone().unwrap();
-        b_var.set(&normal_f64(&mut init, &[9, 2], 0.5)).unwrap();
-        let x = Var::from_tensor(&normal_f64(&mut init, &[2, 3, 5], 1.0)).unwrap();
-        let ctx = ForwardCtx::eval();
-        let fused = layer.forward(&x, &ctx).unwrap();
-        let split = Tensor::cat(&layer.forward_split(&x, &ctx, 3).unwrap(), 2).unwrap();
-        let weights = normal_f64(&mut init, &[2, 3, 9], 1.0);
-        assert!(max_tensor_diff(&fused, &split) < 1e-12);
-        let g_fused = (&fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_split = (&split * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let mut checked = vec![x.as_tensor().clone()];
-        checked.extend(params.trainable().map(|(_, v)| v.as_tensor().clone()));
-        assert!(checked.len() >= 3, "x, lora A and B at least");
-        for t in &checked {
-            let (a, b) = (g_fused.get(t).unwrap(), g_split.get(t).unwrap());
-            assert!(
-                max_tensor_diff(a, b) < 1e-12,
-                "{trainable:?}: gradients differ"
-            );
+        for dims in [vec![6, 5], vec![2, 3, 5]] {
+            let lora = LoraConfig {
+                r: 2,
+                alpha: 4.0,
+                dropout: 0.0,
+                target_modules: vec!["Wqkv".into()],
+            };
+            let mut b = ParamBuilder::new(HashMap::new(), trainable, 3, Box::new(|_| true), &dev)
+                .with_dtype(DType::F64)
+                .with_lora(Some(lora));
+            let layer = Linear::build(&mut b, "Wqkv", 5, 9, true, 0.5).unwrap();
+            let (params, _) = b.finish().unwrap();
+            let mut init = Initializer::new(4);
+            let b_var = params.entries["Wqkv.lora_B.weight"].var.clone().unwrap();
+            b_var.set(&normal_f64(&mut init, &[9, 2], 0.5)).unwrap();
+            let x = Var::from_tensor(&normal_f64(&mut init, &dims, 1.0)).unwrap();
+            let ctx = ForwardCtx::eval();
+            let fused = layer.forward(&x, &ctx).unwrap();
+            let plain = with_plain_kernels(|| layer.forward(&x, &ctx)).unwrap();
+            let mut out_dims = dims.clone();
+            *out_dims.last_mut().unwrap() = 9;
+            assert_eq!(fused.dims(), out_dims.as_slice());
+            assert!(max_tensor_diff(&fused, &plain) < 1e-12);
+            let weights = normal_f64(&mut init, &out_dims, 1.0);
+            let grads = |y: &Tensor| {
+                (y * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            };
+            let (g_fused, g_plain) = (grads(&fused), grads(&plain));
+            let mut checked = vec![x.as_tensor().clone()];
+            checked.extend(params.trainable().map(|(_, v)| v.as_tensor().clone()));
+            assert!(checked.len() >= 3, "x, lora A and B at least");
+            for t in &checked {
+                let (a, b) = (g_fused.get(t).unwrap(), g_plain.get(t).unwrap());
+                assert!(
+                    max_tensor_diff(a, b) < 1e-12,
+                    "{trainable:?} {dims:?}: gradients differ"
+                );
+            }
         }
-        assert!(
-            layer.forward_split(&x, &ctx, 2).is_err(),
-            "9 features do not split in 2"
-        );
     }
 }

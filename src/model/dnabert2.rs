@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use crate::model::config::ModelConfig;
 use crate::model::layers::{Embedding, LayerNorm};
 use crate::model::params::ParamBuilder;
-use crate::ops::{alibi_slopes, attention_softmax, gated_gelu, ForwardCtx};
+use crate::ops::{alibi_slopes, gated_gelu, qkv_attention, ForwardCtx};
 use crate::peft::Linear;
 
 struct Layer {
@@ -109,25 +109,18 @@ impl Dnabert2Encoder {
         ctx: &ForwardCtx,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let (h, nh) = (self.hidden, self.heads);
-        let hd = h / nh;
         let types = Tensor::zeros((b, t), candle_core::DType::U32, ids.device())?;
         let x = self
             .word
             .forward(ids)?
             .broadcast_add(&self.token_type.forward(&types)?)?;
+        // The layers work on (batch * seq, hidden): no reshape nodes around every product.
+        let x = x.reshape((b * t, self.hidden))?;
         let mut x = ctx.dropout(&self.emb_norm.forward(&x)?, self.hidden_dropout)?;
         let bias = self.attention_bias(mask, t, x.dtype())?;
-        let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
-            let heads = |part: &Tensor| -> candle_core::Result<Tensor> {
-                part.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()
-            };
-            let qkv = layer.wqkv.forward_split(&x, ctx, 3)?;
-            let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
-            let probs = attention_softmax(&q.matmul(&k.t()?)?, &bias, scale)?;
-            let probs = ctx.dropout(&probs, self.attention_dropout)?;
-            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+            let qkv = layer.wqkv.forward(&x, ctx)?;
+            let attn = qkv_attention(&qkv, &bias, self.heads, t, self.attention_dropout, ctx)?;
             let attn = ctx.dropout(&layer.attn_out.forward(&attn, ctx)?, self.hidden_dropout)?;
             x = layer.attn_norm.forward(&(attn + &x)?)?;
             let mlp = gated_gelu(&layer.gated.forward(&x, ctx)?)?;
@@ -135,6 +128,6 @@ impl Dnabert2Encoder {
             let mlp = layer.wo.forward(&mlp, ctx)?;
             x = layer.mlp_norm.forward(&(mlp + &x)?)?;
         }
-        Ok(x)
+        x.reshape((b, t, self.hidden))
     }
 }

@@ -8,6 +8,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::simd::multiversion;
+
 /// Rows below this many elements in total run on one thread: spawning costs more than it saves.
 const PARALLEL_MIN: usize = 1 << 15;
 
@@ -20,14 +22,15 @@ fn map_rows<T: WithDType, U: WithDType>(
 ) -> Vec<U> {
     let rows = input.len() / cols;
     let mut out = vec![U::from_f64(0.0); rows * out_cols];
+    let row = |(o, i): (&mut [U], &[T])| f(i, o);
     if input.len() >= PARALLEL_MIN {
         out.par_chunks_mut(out_cols)
             .zip(input.par_chunks(cols))
-            .for_each(|(o, i)| f(i, o));
+            .for_each(row);
     } else {
         out.chunks_mut(out_cols)
             .zip(input.chunks(cols))
-            .for_each(|(o, i)| f(i, o));
+            .for_each(row);
     }
     out
 }
@@ -55,46 +58,109 @@ struct LayerNormOp {
     eps: f64,
 }
 
-fn ln_forward<T: WithDType>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
-    let cols = w.len();
-    map_rows(x, cols, cols, |row, out| {
-        let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / cols as f64;
-        let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / cols as f64;
-        let rstd = 1.0 / (var + eps).sqrt();
-        for c in 0..cols {
-            out[c] = T::from_f64((row[c].to_f64() - mean) * rstd * w[c].to_f64() + b[c].to_f64());
+/// Sum of `f(c)` over c in 0..n, in eight independent partial sums so the loop vectorizes.
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let whole = n - n % 8;
+    for c in (0..whole).step_by(8) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(c + l);
         }
-    })
+    }
+    (whole..n).map(f).sum::<f64>() + acc.iter().sum::<f64>()
 }
 
-/// dx, dw, db of LayerNorm for upstream gradient `g`.
+/// Mean and 1 / standard deviation of a row, accumulated in f64.
+#[inline(always)]
+fn row_stats<T: WithDType>(row: &[T], eps: f64) -> (f64, f64) {
+    let n = row.len();
+    let mean = lane_sum(n, |c| row[c].to_f64()) / n as f64;
+    let var = lane_sum(n, |c| (row[c].to_f64() - mean).powi(2)) / n as f64;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// One row of LayerNorm.
+#[inline(always)]
+fn ln_row<T: WithDType>(row: &[T], w: &[T], b: &[T], eps: f64, out: &mut [T]) {
+    let (mean, rstd) = row_stats(row, eps);
+    for (((o, &x), &w), &b) in out.iter_mut().zip(row).zip(w).zip(b) {
+        *o = T::from_f64((x.to_f64() - mean) * rstd * w.to_f64() + b.to_f64());
+    }
+}
+
+/// LayerNorm's input gradient for a block of rows, adding the block's share of dw and db.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn ln_grad_rows<T: WithDType>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    eps: f64,
+    dx: &mut [T],
+    dw: &mut [f64],
+    db: &mut [f64],
+) {
+    let cols = w.len();
+    let n = cols as f64;
+    for ((row, gr), dxr) in x.chunks(cols).zip(g.chunks(cols)).zip(dx.chunks_mut(cols)) {
+        let (mean, rstd) = row_stats(row, eps);
+        let xhat = |c: usize| (row[c].to_f64() - mean) * rstd;
+        let gw = |c: usize| gr[c].to_f64() * w[c].to_f64();
+        let sum_gw = lane_sum(cols, gw);
+        let sum_gw_xhat = lane_sum(cols, |c| gw(c) * xhat(c));
+        for c in 0..cols {
+            dw[c] += gr[c].to_f64() * xhat(c);
+            db[c] += gr[c].to_f64();
+            dxr[c] = T::from_f64(rstd * (gw(c) - sum_gw / n - xhat(c) * sum_gw_xhat / n));
+        }
+    }
+}
+
+multiversion! {
+    /// [`ln_row`], compiled for the widest instruction set available.
+    fn ln_row_wide<T: WithDType>(row: &[T], w: &[T], b: &[T], eps: f64, out: &mut [T]) {
+        ln_row(row, w, b, eps, out)
+    }
+}
+
+multiversion! {
+    /// [`ln_grad_rows`], compiled for the widest instruction set available.
+    #[allow(clippy::too_many_arguments)]
+    fn ln_grad_rows_wide<T: WithDType>(x: &[T], w: &[T], g: &[T], eps: f64, dx: &mut [T], dw: &mut [f64], db: &mut [f64]) {
+        ln_grad_rows(x, w, g, eps, dx, dw, db)
+    }
+}
+
+fn ln_forward<T: WithDType>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let cols = w.len();
+    map_rows(x, cols, cols, |row, out| ln_row_wide(row, w, b, eps, out))
+}
+
+/// Rows per job of the LayerNorm backward pass: each job adds its own partial dw and db.
+const LN_BLOCK_ROWS: usize = 64;
+
+/// dx, dw, db of LayerNorm for upstream gradient `g`; in parallel over blocks of rows.
 fn ln_backward<T: WithDType>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
     let cols = w.len();
-    let rows = x.len() / cols;
-    let mut dw = vec![0f64; cols];
-    let mut db = vec![0f64; cols];
+    let block = LN_BLOCK_ROWS * cols;
     let mut dx = vec![T::from_f64(0.0); x.len()];
-    for r in 0..rows {
-        let row = &x[r * cols..(r + 1) * cols];
-        let gr = &g[r * cols..(r + 1) * cols];
-        let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / cols as f64;
-        let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / cols as f64;
-        let rstd = 1.0 / (var + eps).sqrt();
-        let (mut sum_gw, mut sum_gw_xhat) = (0f64, 0f64);
-        for c in 0..cols {
-            let xhat = (row[c].to_f64() - mean) * rstd;
-            let gw = gr[c].to_f64() * w[c].to_f64();
-            sum_gw += gw;
-            sum_gw_xhat += gw * xhat;
-            dw[c] += gr[c].to_f64() * xhat;
-            db[c] += gr[c].to_f64();
-        }
-        let n = cols as f64;
-        for c in 0..cols {
-            let xhat = (row[c].to_f64() - mean) * rstd;
-            let gw = gr[c].to_f64() * w[c].to_f64();
-            dx[r * cols + c] = T::from_f64(rstd * (gw - sum_gw / n - xhat * sum_gw_xhat / n));
-        }
+    let partial = |(i, dx): (usize, &mut [T])| {
+        let (mut dw, mut db) = (vec![0f64; cols], vec![0f64; cols]);
+        let rows = i * block..i * block + dx.len();
+        ln_grad_rows_wide(&x[rows.clone()], w, &g[rows], eps, dx, &mut dw, &mut db);
+        (dw, db)
+    };
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = if x.len() >= PARALLEL_MIN {
+        dx.par_chunks_mut(block).enumerate().map(partial).collect()
+    } else {
+        dx.chunks_mut(block).enumerate().map(partial).collect()
+    };
+    // Summed in block order, so the result does not depend on the thread count.
+    let (mut dw, mut db) = (vec![0f64; cols], vec![0f64; cols]);
+    for (pw, pb) in partials {
+        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
     }
     let cast = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect();
     (dx, cast(dw), cast(db))
@@ -375,7 +441,7 @@ fn erf_f32(x: f32) -> f32 {
 /// |r| <= ln 2 / 2, e^r by its degree-7 Taylor polynomial, 2^n through the exponent bits.
 /// Relative error below 3e-7 down to x = -87 (tested against f64); smaller x gives ~1e-38.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(super) fn exp_f32(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 0.0);
@@ -411,56 +477,84 @@ fn normal_cdf_pdf_f32(a: f32) -> (f32, f32) {
     )
 }
 
-/// The gated GELU, `act(a) * lin` for every row x = [a | lin].
-fn gated_gelu_forward<T: WithDType>(x: &[T], cols: usize, act: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let half = cols / 2;
-    map_rows(x, cols, half, |row, out| {
-        let (a, lin) = row.split_at(half);
-        for ((o, &a), &lin) in out.iter_mut().zip(a).zip(lin) {
-            *o = act(a) * lin;
-        }
-    })
+/// GELU and its derivative per element type: f32 through the branch-free [`erf_f32`] and
+/// [`exp_f32`] (so the row loops vectorize), f64 through the exact functions.
+trait GeluFloat: WithDType {
+    fn gelu(self) -> Self;
+    fn gelu_and_grad(self) -> (Self, Self);
 }
 
-/// Rows of the gated GELU's input gradient: `dx[.., :i] = g * lin * act'(a)` and
-/// `dx[.., i:] = g * act(a)` for x = [a | lin], with `act_grad(a) = (act(a), act'(a))`; in
-/// parallel over rows for large tensors.
-fn gated_gelu_backward<T: WithDType>(
-    x: &[T],
-    g: &[T],
-    cols: usize,
-    act_grad: impl Fn(T) -> (T, T) + Sync,
-) -> Vec<T> {
-    let mut dx = vec![T::from_f64(0.0); x.len()];
-    let half = cols / 2;
-    let row = |xr: &[T], gr: &[T], d: &mut [T]| {
-        let (a, lin) = xr.split_at(half);
-        let (da, dlin) = d.split_at_mut(half);
-        // Zipped slices (no index bounds checks) so the f32 loop vectorizes.
-        let inputs = a.iter().zip(lin).zip(gr);
+impl GeluFloat for f32 {
+    #[inline(always)]
+    fn gelu(self) -> Self {
+        self * normal_cdf_f32(self)
+    }
+
+    #[inline(always)]
+    fn gelu_and_grad(self) -> (Self, Self) {
+        let (cdf, pdf) = normal_cdf_pdf_f32(self);
+        (self * cdf, cdf + self * pdf)
+    }
+}
+
+impl GeluFloat for f64 {
+    #[inline(always)]
+    fn gelu(self) -> Self {
+        gelu_and_grad_f64(self).0
+    }
+
+    #[inline(always)]
+    fn gelu_and_grad(self) -> (Self, Self) {
+        gelu_and_grad_f64(self)
+    }
+}
+
+multiversion! {
+    /// One row of the gated GELU: `out = gelu(a) * lin` for x = [a | lin].
+    fn gated_gelu_row<T: GeluFloat>(x: &[T], out: &mut [T]) {
+        let (a, lin) = x.split_at(out.len());
+        for ((o, &a), &lin) in out.iter_mut().zip(a).zip(lin) {
+            *o = a.gelu() * lin;
+        }
+    }
+}
+
+multiversion! {
+    /// One row of the gated GELU's input gradient: `dx[.., :i] = g * lin * gelu'(a)` and
+    /// `dx[.., i:] = g * gelu(a)` for x = [a | lin].
+    fn gated_gelu_grad_row<T: GeluFloat>(x: &[T], g: &[T], dx: &mut [T]) {
+        let half = g.len();
+        let (a, lin) = x.split_at(half);
+        let (da, dlin) = dx.split_at_mut(half);
+        // Zipped slices (no index bounds checks) so the loop vectorizes.
+        let inputs = a.iter().zip(lin).zip(g);
         for ((da, dlin), ((&a, &lin), &g)) in da.iter_mut().zip(dlin).zip(inputs) {
-            let (act, dact) = act_grad(a);
+            let (act, dact) = a.gelu_and_grad();
             *da = g * lin * dact;
             *dlin = g * act;
         }
-    };
+    }
+}
+
+/// The gated GELU of every row.
+fn gated_gelu_forward<T: GeluFloat>(x: &[T], cols: usize) -> Vec<T> {
+    map_rows(x, cols, cols / 2, gated_gelu_row)
+}
+
+/// The gated GELU's input gradient for every row; in parallel over rows for large tensors.
+fn gated_gelu_backward<T: GeluFloat>(x: &[T], g: &[T], cols: usize) -> Vec<T> {
+    let mut dx = vec![T::from_f64(0.0); x.len()];
+    let half = cols / 2;
     if x.len() >= PARALLEL_MIN {
         dx.par_chunks_mut(cols)
             .zip(x.par_chunks(cols).zip(g.par_chunks(half)))
-            .for_each(|(d, (xr, gr))| row(xr, gr, d));
+            .for_each(|(d, (xr, gr))| gated_gelu_grad_row(xr, gr, d));
     } else {
         dx.chunks_mut(cols)
             .zip(x.chunks(cols).zip(g.chunks(half)))
-            .for_each(|(d, (xr, gr))| row(xr, gr, d));
+            .for_each(|(d, (xr, gr))| gated_gelu_grad_row(xr, gr, d));
     }
     dx
-}
-
-/// GELU and its derivative in f32.
-#[inline(always)]
-fn gelu_and_grad_f32(a: f32) -> (f32, f32) {
-    let (cdf, pdf) = normal_cdf_pdf_f32(a);
-    (a * cdf, cdf + a * pdf)
 }
 
 impl CustomOp1 for GatedGelu {
@@ -474,16 +568,12 @@ impl CustomOp1 for GatedGelu {
             candle_core::bail!("gated GELU needs an even last dimension, got {cols}");
         }
         let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(gated_gelu_forward(
-                contiguous(x, l, self.name())?,
-                cols,
-                |a| a * normal_cdf_f32(a),
-            )),
-            CpuStorage::F64(x) => CpuStorage::F64(gated_gelu_forward(
-                contiguous(x, l, self.name())?,
-                cols,
-                |a| gelu_and_grad_f64(a).0,
-            )),
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(gated_gelu_forward(contiguous(x, l, self.name())?, cols))
+            }
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(gated_gelu_forward(contiguous(x, l, self.name())?, cols))
+            }
             _ => candle_core::bail!("gated GELU supports f32 and f64"),
         };
         let mut dims = l.shape().dims().to_vec();
@@ -496,12 +586,12 @@ impl CustomOp1 for GatedGelu {
         let dx = match x.dtype() {
             DType::F32 => {
                 let (xv, gv) = (values::<f32>(x)?, values::<f32>(grad)?);
-                let dx = gated_gelu_backward(&xv, &gv, cols, gelu_and_grad_f32);
+                let dx = gated_gelu_backward(&xv, &gv, cols);
                 Tensor::from_vec(dx, x.shape(), x.device())?
             }
             DType::F64 => {
                 let (xv, gv) = (values::<f64>(x)?, values::<f64>(grad)?);
-                let dx = gated_gelu_backward(&xv, &gv, cols, gelu_and_grad_f64);
+                let dx = gated_gelu_backward(&xv, &gv, cols);
                 Tensor::from_vec(dx, x.shape(), x.device())?
             }
             dt => candle_core::bail!("gated GELU: unsupported dtype {dt:?}"),

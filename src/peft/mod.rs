@@ -129,9 +129,48 @@ impl Linear {
         Ok(Linear { base, bias, lora })
     }
 
+    /// `y = x W^T + b` (+ the adapter's update) over the last dimension of `x`. A 2-D `x` is
+    /// used as it is: every reshape is a graph node whose backward pass copies the gradient.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        let mut parts = self.forward_split(x, ctx, 1)?;
-        Ok(parts.pop().expect("one part"))
+        let dims = x.dims().to_vec();
+        let in_dim = *dims
+            .last()
+            .expect("a linear layer's input has a feature dimension");
+        let x2 = match dims.len() {
+            2 => x.clone(),
+            _ => x.reshape(((), in_dim))?,
+        };
+        // A trained bias (full fine-tuning) needs its gradient, which the frozen product skips.
+        let trained_bias = self.bias.as_ref().is_some_and(|b| b.is_variable());
+        let frozen_bias = self.bias.as_ref().filter(|_| !trained_bias);
+        let full = 0..self.out_dim();
+        let mut y = match &self.base {
+            LinearBase::Dense(w) if w.is_variable() || trained_bias => x2.matmul(&w.t()?)?,
+            LinearBase::Dense(w) => frozen_linear(&x2, w, frozen_bias)?,
+            LinearBase::Quantized(q) => quant::quantized_linear(&x2, q, full, frozen_bias)?,
+            LinearBase::Bf16(w) => bf16::bf16_linear(&x2, w, full, frozen_bias)?,
+        };
+        // A bias the product did not add: a trained one, or a frozen one next to a trained weight.
+        let bias_added = match &self.base {
+            LinearBase::Dense(w) => !(w.is_variable() || trained_bias),
+            _ => !trained_bias,
+        };
+        if let (Some(b), false) = (&self.bias, bias_added) {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            // The adapter's low-rank input is scaled where it is r wide rather than after B.
+            let hidden = (ctx.dropout(&x2, l.dropout)?.matmul(&l.a.t()?)? * l.scaling)?;
+            y = (y + hidden.matmul(&l.b.t()?)?)?;
+        }
+        match dims.len() {
+            2 => Ok(y),
+            _ => {
+                let mut out_dims = dims;
+                *out_dims.last_mut().expect("non-empty shape") = self.out_dim();
+                y.reshape(out_dims)
+            }
+        }
     }
 
     /// Output features (rows of W).
@@ -141,75 +180,5 @@ impl Linear {
             LinearBase::Quantized(q) => q.shape().0,
             LinearBase::Bf16(w) => w.shape().0,
         }
-    }
-
-    /// `forward` with the output features cut into `parts` equal blocks (DNABERT-2's fused
-    /// `Wqkv` into q, k and v). Each block is its own product with a row block of W, so the
-    /// backward pass adds `parts` input gradients of the block width instead of padding each
-    /// block's gradient back to the fused width (what `narrow` on the output costs: a zero
-    /// fill, a concatenation and a full-width add per block).
-    pub fn forward_split(
-        &self,
-        x: &Tensor,
-        ctx: &ForwardCtx,
-        parts: usize,
-    ) -> candle_core::Result<Vec<Tensor>> {
-        let out_dim = self.out_dim();
-        if parts == 0 || !out_dim.is_multiple_of(parts) {
-            candle_core::bail!("cannot split {out_dim} output features into {parts} blocks");
-        }
-        let width = out_dim / parts;
-        let dims = x.dims().to_vec();
-        let in_dim = dims[dims.len() - 1];
-        let x2 = x.reshape(((), in_dim))?;
-        // Shared by every block: the adapter's low-rank input, scaled here where it is r wide
-        // rather than after B.
-        let lora_hidden = match &self.lora {
-            Some(l) => Some((ctx.dropout(&x2, l.dropout)?.matmul(&l.a.t()?)? * l.scaling)?),
-            None => None,
-        };
-        // A trained bias (full fine-tuning) needs its gradient, which the frozen product skips.
-        let trained_bias = self.bias.as_ref().is_some_and(|b| b.is_variable());
-        let rows = |t: &Tensor, k: usize| match parts {
-            1 => Ok(t.clone()),
-            _ => t.narrow(0, k * width, width),
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-empty shape") = width;
-        (0..parts)
-            .map(|k| {
-                let bias = self.bias.as_ref().map(|b| rows(b, k)).transpose()?;
-                // A frozen bias is added inside the frozen product; a trained one separately.
-                let (mut y, bias_added) = match &self.base {
-                    LinearBase::Dense(w) if w.is_variable() || trained_bias => {
-                        (x2.matmul(&rows(w, k)?.t()?)?, false)
-                    }
-                    LinearBase::Dense(w) => {
-                        (frozen_linear(&x2, &rows(w, k)?, bias.as_ref())?, true)
-                    }
-                    LinearBase::Quantized(q) => {
-                        let frozen_bias = bias.as_ref().filter(|_| !trained_bias);
-                        let range = k * width..(k + 1) * width;
-                        let y = quant::quantized_linear(&x2, q, range, frozen_bias)?;
-                        (y, !trained_bias)
-                    }
-                    LinearBase::Bf16(w) => {
-                        let frozen_bias = bias.as_ref().filter(|_| !trained_bias);
-                        let range = k * width..(k + 1) * width;
-                        (
-                            bf16::bf16_linear(&x2, w, range, frozen_bias)?,
-                            !trained_bias,
-                        )
-                    }
-                };
-                if let (Some(b), false) = (&bias, bias_added) {
-                    y = y.broadcast_add(b)?;
-                }
-                if let (Some(l), Some(h)) = (&self.lora, &lora_hidden) {
-                    y = (y + h.matmul(&rows(&l.b, k)?.t()?)?)?;
-                }
-                y.reshape(out_dims.clone())
-            })
-            .collect()
     }
 }

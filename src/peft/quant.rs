@@ -660,7 +660,7 @@ mod tests {
                 let gx = grads.get(&x).expect("input gradient");
                 let want_gx = g.matmul(&dense).unwrap();
                 assert!(max_abs_diff(gx, &want_gx) < 1e-5 * (rows as f32).sqrt() + 1e-6);
-                // A block of rows with a bias, as the q/k/v split uses it.
+                // A block of rows with a bias.
                 let block = rows / 3..rows;
                 let bias =
                     Tensor::from_vec(init.normal(block.len(), 1.0), block.len(), &dev).unwrap();
