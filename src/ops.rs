@@ -50,9 +50,7 @@ impl ForwardCtx {
         let values = Tensor::from_vec(mask.apply(&ones), x.shape(), x.device())?;
         x.mul(&values.to_dtype(x.dtype())?)
     }
-}
 
-impl ForwardCtx {
     /// The mask of the next dropout of `elements` values with probability `p` (None when
     /// nothing is dropped), advancing the stream past it.
     fn dropout_mask(&self, elements: usize, p: f64) -> Option<DropoutMask> {
