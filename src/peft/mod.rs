@@ -144,16 +144,15 @@ impl Linear {
         let trained_bias = self.bias.as_ref().is_some_and(|b| b.is_variable());
         let frozen_bias = self.bias.as_ref().filter(|_| !trained_bias);
         let full = 0..self.out_dim();
-        let mut y = match &self.base {
-            LinearBase::Dense(w) if w.is_variable() || trained_bias => x2.matmul(&w.t()?)?,
-            LinearBase::Dense(w) => frozen_linear(&x2, w, frozen_bias)?,
-            LinearBase::Quantized(q) => quant::quantized_linear(&x2, q, full, frozen_bias)?,
-            LinearBase::Bf16(w) => bf16::bf16_linear(&x2, w, full, frozen_bias)?,
-        };
-        // A bias the product did not add: a trained one, or a frozen one next to a trained weight.
-        let bias_added = match &self.base {
-            LinearBase::Dense(w) => !(w.is_variable() || trained_bias),
-            _ => !trained_bias,
+        // The frozen products add a frozen bias themselves; a trained weight or bias is added here.
+        let (mut y, bias_added) = match &self.base {
+            LinearBase::Dense(w) if w.is_variable() || trained_bias => (x2.matmul(&w.t()?)?, false),
+            LinearBase::Dense(w) => (frozen_linear(&x2, w, frozen_bias)?, true),
+            LinearBase::Quantized(q) => (
+                quant::quantized_linear(&x2, q, full, frozen_bias)?,
+                !trained_bias,
+            ),
+            LinearBase::Bf16(w) => (bf16::bf16_linear(&x2, w, full, frozen_bias)?, !trained_bias),
         };
         if let (Some(b), false) = (&self.bias, bias_added) {
             y = y.broadcast_add(b)?;
