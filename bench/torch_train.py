@@ -12,9 +12,13 @@ Modes (one JSON object on stdout, peak RSS from `resource.getrusage`, loading in
   train:    `--method full|lora`: warm-up steps, then timed optimiser steps on a fixed random batch
   infer:    eval mode, `torch.inference_mode()`, forward passes over random batches
   tokenize: Python `tokenizers` on the sequences of a CSV (column `sequence`)
+  matmul-rate: the bf16 matrix-product rate of the device (8192^3 products timed with CUDA
+            events; the ceiling model FLOP utilisation is measured against)
 
-`--bf16` runs the forward pass (and the loss) under `torch.autocast("cpu", dtype=torch.bfloat16)`,
-PyTorch's own mixed precision: the counterpart of dnatune's `--precision bf16`.
+`--bf16` runs the forward pass (and the loss) under `torch.autocast(device, dtype=torch.bfloat16)`,
+PyTorch's own mixed precision: the counterpart of dnatune's `--precision bf16`. `--device cuda`
+runs on the GPU; every timed region ends with `torch.cuda.synchronize()`, and the peak of
+`torch.cuda.max_memory_allocated` is reported.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def use_sdpa(dnabert2) -> None:
     dnabert2.Attention.forward = forward
 
 
-def load_model(model_dir: Path):
+def load_model(model_dir: Path, device: str):
     """The reference classifier with the checkpoint's encoder weights; a head missing from the
     checkpoint (dnatune's `init-model` writes none) starts random, as dnatune's does."""
     import torch
@@ -73,10 +77,10 @@ def load_model(model_dir: Path):
         raise SystemExit(f"{model_dir}/model.safetensors lacks encoder weights: {sorted(set(missing) - head)}")
 
     # The SDPA path must give the reference module's logits before anything is timed.
-    ids = torch.randint(5, config["vocab_size"], (2, 9))
+    ids = torch.randint(5, config["vocab_size"], (2, 9), device=device)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
-    model.eval()
+    model.to(device).eval()
     with torch.no_grad():
         plain = model(ids, mask)
         use_sdpa(dnabert2)
@@ -90,13 +94,21 @@ def precision(args):
     """bf16 autocast when `--bf16` is given, else nothing."""
     import torch
 
-    return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    return torch.autocast(args.device, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+
+def synchronize(args) -> None:
+    """Waits for queued GPU work, so a host clock read after it covers that work."""
+    import torch
+
+    if args.device == "cuda":
+        torch.cuda.synchronize()
 
 
 def train(args) -> dict:
     import torch
 
-    model, config = load_model(args.model)
+    model, config = load_model(args.model, args.device)
     if args.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -112,9 +124,9 @@ def train(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, config["vocab_size"], (args.batch_size, args.seq_len), generator=gen)
+    ids = torch.randint(5, config["vocab_size"], (args.batch_size, args.seq_len), generator=gen).to(args.device)
     mask = torch.ones_like(ids)
-    labels = torch.arange(args.batch_size) % 2
+    labels = (torch.arange(args.batch_size) % 2).to(args.device)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -126,9 +138,11 @@ def train(args) -> dict:
 
     for _ in range(args.warmup):
         step()
+    synchronize(args)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
+    synchronize(args)
     secs = (time.perf_counter() - start) / args.steps
     return {
         "mode": "train",
@@ -144,20 +158,27 @@ def train(args) -> dict:
 def infer(args) -> dict:
     import torch
 
-    model, config = load_model(args.model)
+    model, config = load_model(args.model, args.device)
     model.eval()
     gen = torch.Generator().manual_seed(0)
     batches = [
-        torch.randint(5, config["vocab_size"], (args.batch_size, args.seq_len), generator=gen)
+        torch.randint(5, config["vocab_size"], (args.batch_size, args.seq_len), generator=gen).to(args.device)
         for _ in range(args.steps)
     ]
     mask = torch.ones_like(batches[0])
+
+    def probabilities(ids):
+        # As `predict` needs them: class probabilities in f32 on the host.
+        return model(ids, mask).float().softmax(-1).cpu()
+
     with torch.inference_mode(), precision(args):
         for _ in range(args.warmup):
-            model(batches[0], mask)
+            probabilities(batches[0])
+        synchronize(args)
         start = time.perf_counter()
         for ids in batches:
-            model(ids, mask)
+            probabilities(ids)
+        synchronize(args)
         secs = time.perf_counter() - start
     return {
         "mode": "infer",
@@ -191,14 +212,40 @@ def tokenize(args) -> dict:
     }
 
 
+def matmul_rate(args) -> dict:
+    """bf16 (n x n) @ (n x n) products on random data, timed with CUDA events after warm-up;
+    three operand sets in rotation so no product reads the previous one's data from L2."""
+    import torch
+
+    if args.device != "cuda":
+        raise SystemExit("matmul-rate needs --device cuda")
+    n, reps = 8192, 20
+    sets = [(torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+             torch.randn(n, n, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
+    for a, b in sets:
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(reps):
+        a, b = sets[i % 3]
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    secs = start.elapsed_time(end) / 1e3 / reps
+    return {"mode": "matmul-rate", "n": n, "seconds": secs, "bf16_tflops": 2 * n**3 / secs / 1e12,
+            "gpu": torch.cuda.get_device_name()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["train", "infer", "tokenize"])
+    ap.add_argument("mode", choices=["train", "infer", "tokenize", "matmul-rate"])
     ap.add_argument("--model", type=Path)
     ap.add_argument("--method", choices=["full", "lora"], default="lora")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (train and infer)")
@@ -217,12 +264,15 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
-    result = {"train": train, "infer": infer, "tokenize": tokenize}[args.mode](args)
+    modes = {"train": train, "infer": infer, "tokenize": tokenize, "matmul-rate": matmul_rate}
+    result = modes[args.mode](args)
     if args.mode != "tokenize":
         import torch
 
         result["torch"] = torch.__version__
         result["threads"] = torch.get_num_threads()
+        if args.device == "cuda":
+            result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     result["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(result))
 

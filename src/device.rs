@@ -20,9 +20,31 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     cuda_device(ordinal, spec)
 }
 
+/// Seeds a GPU's random generator, which draws the dropout masks there, so that a run on the
+/// same GPU with the same seed repeats itself. The CPU draws masks from the seeded stream of
+/// `ops::ForwardCtx` and has nothing to seed.
+pub fn seed_generator(device: &Device, seed: u64) -> Result<()> {
+    if !device.is_cpu() {
+        device
+            .set_seed(seed)
+            .context("cannot seed the GPU's random generator")?;
+    }
+    Ok(())
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize, spec: &str) -> Result<Device> {
-    Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device `{spec}`"))
+    let device =
+        Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device `{spec}`"))?;
+    if let Device::Cuda(gpu) = &device {
+        // cudarc records two events per allocation and per kernel argument so that tensors can
+        // move between streams safely; candle runs every operation of a device on that device's
+        // one stream (cuBLAS and cuRAND included), and dnatune opens one device per GPU, so stream
+        // order already orders every read after its write and every free after its last use.
+        // SAFETY: no tensor of this device is used on another stream.
+        unsafe { gpu.disable_event_tracking() };
+    }
+    Ok(device)
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -5,8 +5,8 @@
 use std::cell::Cell;
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
-    Tensor, WithDType, D,
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result,
+    Shape, Tensor, WithDType, D,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -46,6 +46,13 @@ impl ForwardCtx {
         if fused_for(x) {
             return x.contiguous()?.apply_op1(mask);
         }
+        if !x.device().is_cpu() {
+            // On a GPU the mask is drawn there, from the device's generator (seeded per run by
+            // `device::seed_generator`): a mask made on the host and copied over would take longer
+            // than the layer it drops from.
+            let keep = drawn_dropout_multiplier(x.shape(), p, x.device())?;
+            return x.mul(&keep.to_dtype(x.dtype())?);
+        }
         let ones = vec![1f32; x.elem_count()];
         let values = Tensor::from_vec(mask.apply(&ones), x.shape(), x.device())?;
         x.mul(&values.to_dtype(x.dtype())?)
@@ -68,6 +75,14 @@ impl ForwardCtx {
             .set(mask.start.wrapping_add(draws.wrapping_mul(SPLITMIX_GAMMA)));
         Some(mask)
     }
+}
+
+/// Inverted-dropout multipliers of `shape` drawn from `device`'s own generator: 1/(1-p) with
+/// probability 1 - p, else 0. For u uniform in [0, 1), the ceiling of u - p is 1 where u >= p and
+/// 0 below, with no scalar to copy to the device for a comparison.
+fn drawn_dropout_multiplier(shape: &Shape, p: f64, device: &Device) -> Result<Tensor> {
+    let shifted = Tensor::rand(-p as f32, (1.0 - p) as f32, shape, device)?;
+    shifted.ceil()? * (1.0 / (1.0 - p))
 }
 
 /// A dropout mask as a position in the SplitMix64 stream. SplitMix64 is counter-based (draw k
@@ -205,6 +220,13 @@ pub(crate) fn fused_for(t: &Tensor) -> bool {
     t.device().is_cpu() && !PLAIN_KERNELS.get()
 }
 
+/// Whether the frozen products on `t` run as custom ops on a GPU (forward on cuBLAS, backward
+/// yielding only the input gradient) rather than as candle matmuls, whose backward would also
+/// compute the frozen weight's gradient and throw it away.
+pub(crate) fn frozen_ops_on_gpu(t: &Tensor) -> bool {
+    cfg!(feature = "cuda") && t.device().is_cuda() && !PLAIN_KERNELS.get()
+}
+
 /// LayerNorm over the last dimension: one fused pass on the CPU.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if fused_for(x) {
@@ -299,12 +321,12 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// `x @ w^T (+ b)` for x (n, in), a weight w (out, in) and a bias b (out) that are not trained.
 ///
 /// candle's matmul backward always computes both operand gradients, which for a frozen base
-/// weight is a full extra GEMM per layer thrown away. On the CPU the product is one custom op
-/// whose backward yields only `grad @ w`; it runs candle's own GEMM on the operands' storage and
-/// adds the bias in place, so the graph holds one (n, out) tensor where a matmul and a bias add
-/// would hold two.
+/// weight is a full extra GEMM per layer thrown away. On the CPU and on a GPU the product is one
+/// custom op whose backward yields only `grad @ w`; it runs candle's own GEMM (cuBLAS on a GPU)
+/// on the operands' storage and adds the bias there, so the graph holds one (n, out) tensor where
+/// a matmul and a bias add would hold two.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    if !fused_for(x) {
+    if !fused_for(x) && !frozen_ops_on_gpu(x) {
         let y = x.matmul(&w.t()?)?;
         return match bias {
             Some(b) => y.broadcast_add(b),
@@ -364,6 +386,23 @@ impl CustomOp2 for FrozenMatmul {
         Ok((y, Shape::from((n, out))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ((n, k), (out, k_w)) = (xl.shape().dims2()?, wl.shape().dims2()?);
+        if k != k_w {
+            candle_core::bail!("frozen-matmul: input ({n}, {k}) against weight ({out}, {k_w})");
+        }
+        let y = x.matmul(w, (1, n, out, k), xl, &wl.transpose(0, 1)?)?;
+        let y = gpu::add_bias(y, (n, out), self.bias.as_ref())?;
+        Ok((y, Shape::from((n, out))))
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -372,6 +411,31 @@ impl CustomOp2 for FrozenMatmul {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.matmul(w)?), None))
+    }
+}
+
+/// Pieces of the GPU forward passes of the frozen products.
+#[cfg(feature = "cuda")]
+pub(crate) mod gpu {
+    use candle_core::{backend::BackendStorage, CudaStorage, Layout, Result, Storage, Tensor};
+
+    /// `y` (rows, cols, contiguous) plus `bias` (cols) on every row, when there is a bias.
+    pub(crate) fn add_bias(
+        y: CudaStorage,
+        (rows, cols): (usize, usize),
+        bias: Option<&Tensor>,
+    ) -> Result<CudaStorage> {
+        let Some(bias) = bias else { return Ok(y) };
+        let bias = bias.to_dtype(y.dtype())?;
+        let (storage, layout) = bias.storage_and_layout();
+        let Storage::Cuda(b) = &*storage else {
+            candle_core::bail!("a GPU product's bias is on {:?}", bias.device().location())
+        };
+        y.binary_impl::<candle_core::op::Add>(
+            b,
+            &Layout::contiguous((rows, cols)),
+            &layout.broadcast_as((rows, cols))?,
+        )
     }
 }
 
@@ -428,6 +492,27 @@ impl Initializer {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn drawn_dropout_multipliers_are_zero_or_the_inverse_keep_rate_at_that_rate() {
+        // The GPU's dropout draws its multipliers this way; on the CPU the same ops run on
+        // candle's CPU generator.
+        for p in [0.1, 0.5] {
+            let m = drawn_dropout_multiplier(&Shape::from((200, 500)), p, &Device::Cpu).unwrap();
+            let values: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = (1.0 / (1.0 - p)) as f32;
+            let kept = values.iter().filter(|&&v| v == scale).count();
+            assert_eq!(
+                values.iter().filter(|&&v| v == 0.0).count() + kept,
+                values.len(),
+                "every multiplier is 0 or {scale}"
+            );
+            // 100,000 draws: the kept fraction is within 5 standard deviations of 1 - p.
+            let rate = kept as f64 / values.len() as f64;
+            let sd = (p * (1.0 - p) / values.len() as f64).sqrt();
+            assert!((rate - (1.0 - p)).abs() < 5.0 * sd, "p {p}: kept {rate}");
+        }
+    }
 
     #[test]
     fn alibi_slopes_match_closed_form() {

@@ -150,7 +150,20 @@ pub fn bf16_linear(
         None => Ok(y),
     };
     match &w.storage {
-        // Mixed precision on the GPU: bf16 operands, candle's matmul, f32 out.
+        // Mixed precision on the GPU: bf16 operands, cuBLAS, f32 out; one op whose backward
+        // yields only the input gradient.
+        Storage::Device(wb) if crate::ops::frozen_ops_on_gpu(x) => {
+            let op = DeviceBf16Matmul {
+                weight: wb.narrow(0, rows.start, rows.len())?.contiguous()?,
+                bias: bias.map(Tensor::detach),
+            };
+            if !x.track_op() {
+                return x.detach().apply_op1_no_bwd(&op);
+            }
+            x.apply_op1(op)
+        }
+        // The plain composition of the same (candle's matmul backward also computes the weight's
+        // gradient, which is thrown away).
         Storage::Device(wb) => add_bias(
             x.to_dtype(DType::BF16)?
                 .matmul(&wb.narrow(0, rows.start, rows.len())?.t()?)?
@@ -177,6 +190,56 @@ pub fn bf16_linear(
             }
             x.contiguous()?.apply_op1(op)
         }
+    }
+}
+
+/// `x @ W^T (+ bias)` on a GPU for an f32 x and a bf16 W (out, in): x rounded to bf16, the product
+/// on cuBLAS, the result widened to f32, the bias added. Backward: `grad @ W` the same way.
+struct DeviceBf16Matmul {
+    weight: Tensor,
+    // Read by the CUDA forward pass alone.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    bias: Option<Tensor>,
+}
+
+impl CustomOp1 for DeviceBf16Matmul {
+    fn name(&self) -> &'static str {
+        "bf16-matmul-gpu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("bf16-matmul-gpu runs on a GPU; the CPU has its packed kernel")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let ((n, k), (out, k_w)) = (xl.shape().dims2()?, self.weight.dims2()?);
+        if k != k_w {
+            candle_core::bail!("bf16-matmul-gpu: input ({n}, {k}) against weight ({out}, {k_w})");
+        }
+        let xb = x.to_dtype(xl, DType::BF16)?;
+        let (storage, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cuda(w) = &*storage else {
+            candle_core::bail!("bf16-matmul-gpu: the weight is not on the GPU")
+        };
+        let y = xb.matmul(
+            w,
+            (1, n, out, k),
+            &Layout::contiguous((n, k)),
+            &wl.transpose(0, 1)?,
+        )?;
+        let y = y.to_dtype(&Layout::contiguous((n, out)), x.dtype())?;
+        let y = crate::ops::gpu::add_bias(y, (n, out), self.bias.as_ref())?;
+        Ok((y, Shape::from((n, out))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let gb = grad.to_dtype(DType::BF16)?;
+        Ok(Some(gb.matmul(&self.weight)?.to_dtype(grad.dtype())?))
     }
 }
 

@@ -130,14 +130,16 @@ impl Linear {
     }
 
     /// `y = x W^T + b` (+ the adapter's update) over the last dimension of `x`. A 2-D `x` is
-    /// used as it is: every reshape is a graph node whose backward pass copies the gradient.
+    /// used as it is (every reshape is a graph node whose backward pass copies the gradient),
+    /// unless its rows are strided, as the [CLS] rows picked for the pooler are: cuBLAS takes
+    /// only packed operands, so those are copied (a no-op for a contiguous `x`).
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = *dims
             .last()
             .expect("a linear layer's input has a feature dimension");
         let x2 = match dims.len() {
-            2 => x.clone(),
+            2 => x.contiguous()?,
             _ => x.reshape(((), in_dim))?,
         };
         // A trained bias (full fine-tuning) needs its gradient, which the frozen product skips.

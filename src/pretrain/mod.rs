@@ -202,6 +202,7 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
         bail!("batch_size and max_steps must be positive and seq_len at least 8");
     }
     let device = crate::device::parse_device(&cfg.device)?;
+    crate::device::seed_generator(&device, cfg.seed)?;
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("cannot create {}", cfg.out.display()))?;

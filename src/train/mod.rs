@@ -154,6 +154,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
     let device = crate::device::parse_device(&cfg.device)?;
+    crate::device::seed_generator(&device, cfg.seed)?;
 
     // Data.
     let read_opts = data::ReadOptions {
