@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, Storage, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::train::config::Scheduler;
 
@@ -64,6 +65,12 @@ impl AdamW {
 
     /// Applies one update with learning rate `lr` from gradients keyed by parameter name.
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.step_with(grads, lr, true)
+    }
+
+    /// [`AdamW::step`], with the single-pass CPU update (`fused`) or candle's tensor operations
+    /// (the reference the fused update is tested against, and the path on a GPU).
+    fn step_with(&mut self, grads: &HashMap<String, Tensor>, lr: f64, fused: bool) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
@@ -71,6 +78,29 @@ impl AdamW {
             let Some(g) = grads.get(&slot.name) else {
                 continue;
             };
+            let rule = UpdateRule {
+                beta1: self.beta1 as f32,
+                one_minus_beta1: (1.0 - self.beta1) as f32,
+                beta2: self.beta2 as f32,
+                one_minus_beta2: (1.0 - self.beta2) as f32,
+                eps: self.eps as f32,
+                decay: if slot.decay && self.weight_decay > 0.0 {
+                    (1.0 - lr * self.weight_decay) as f32
+                } else {
+                    1.0
+                },
+                inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+                step: (lr / bc1) as f32,
+            };
+            if fused {
+                if let Some((p, m, v)) =
+                    fused_update(slot.var.as_tensor(), g, &slot.m, &slot.v, &rule)?
+                {
+                    slot.var.set(&p)?;
+                    (slot.m, slot.v) = (m, v);
+                    continue;
+                }
+            }
             slot.m = ((&slot.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             slot.v = ((&slot.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let mut p = slot.var.as_tensor().detach();
@@ -108,6 +138,89 @@ impl AdamW {
         self.t = t;
         Ok(())
     }
+}
+
+/// The constants of one AdamW update of one tensor, in the precision the update runs in.
+struct UpdateRule {
+    beta1: f32,
+    /// Computed in f64 then rounded, as candle rounds the scalar of a tensor-times-scalar.
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    eps: f32,
+    /// `1 - lr * weight_decay` for decayed tensors, else 1.
+    decay: f32,
+    /// `1 / sqrt(1 - beta2^t)`.
+    inv_sqrt_bc2: f32,
+    /// `lr / (1 - beta1^t)`.
+    step: f32,
+}
+
+/// Elements per parallel job of the fused update: large enough that a job outweighs its scheduling.
+const UPDATE_CHUNK: usize = 1 << 15;
+
+/// The new (parameter, m, v) of one AdamW update in one pass over the values, in parallel blocks,
+/// for f32 tensors in contiguous CPU storage (`None` otherwise: the caller takes candle's
+/// operations). candle's version is a dozen whole-tensor operations, each a pass over memory and
+/// a rayon round; for the 117M shape's 117 M parameters that was 12 % of a full fine-tuning step.
+fn fused_update(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    rule: &UpdateRule,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let guards = [p, g, m, v].map(|t| t.storage_and_layout());
+    let mut slices = Vec::with_capacity(4);
+    for (storage, layout) in &guards {
+        let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
+            (&**storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        slices.push(&values[start..end]);
+    }
+    let [p_old, g, m_old, v_old] = slices[..] else {
+        unreachable!("four tensors give four slices")
+    };
+    if [g.len(), m_old.len(), v_old.len()] != [p_old.len(); 3] {
+        anyhow::bail!(
+            "AdamW: gradient or moments of {} values for a parameter of {}",
+            g.len(),
+            p_old.len()
+        );
+    }
+    let n = p_old.len();
+    let (mut p_new, mut m_new, mut v_new) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    p_new
+        .par_chunks_mut(UPDATE_CHUNK)
+        .zip(m_new.par_chunks_mut(UPDATE_CHUNK))
+        .zip(v_new.par_chunks_mut(UPDATE_CHUNK))
+        .enumerate()
+        .for_each(|(block, ((p_out, m_out), v_out))| {
+            let range = block * UPDATE_CHUNK..block * UPDATE_CHUNK + p_out.len();
+            let inputs = p_old[range.clone()]
+                .iter()
+                .zip(&g[range.clone()])
+                .zip(&m_old[range.clone()])
+                .zip(&v_old[range]);
+            let outputs = p_out.iter_mut().zip(m_out.iter_mut()).zip(v_out.iter_mut());
+            for ((((&p, &g), &m), &v), ((p_out, m_out), v_out)) in inputs.zip(outputs) {
+                let m = rule.beta1 * m + rule.one_minus_beta1 * g;
+                let v = rule.beta2 * v + rule.one_minus_beta2 * (g * g);
+                let denom = v.sqrt() * rule.inv_sqrt_bc2 + rule.eps;
+                *p_out = p * rule.decay - m / denom * rule.step;
+                (*m_out, *v_out) = (m, v);
+            }
+        });
+    drop(guards);
+    let shape = p.shape();
+    let device = p.device();
+    Ok(Some((
+        Tensor::from_vec(p_new, shape, device)?,
+        Tensor::from_vec(m_new, shape, device)?,
+        Tensor::from_vec(v_new, shape, device)?,
+    )))
 }
 
 /// Learning rate at optimiser step `step` (0-based) of `total`.
@@ -173,6 +286,59 @@ mod tests {
         let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
         for i in 0..2 {
             assert!((got[i] as f64 - p[i]).abs() < 1e-6, "{got:?} vs {p:?}");
+        }
+    }
+
+    /// The single-pass update against candle's operations, over steps with decayed and undecayed
+    /// tensors of sizes that leave a partial parallel block.
+    #[test]
+    fn fused_update_equals_the_tensor_operations() {
+        let dev = Device::Cpu;
+        let names = ["enc.weight".to_string(), "enc.bias".to_string()];
+        let sizes = [UPDATE_CHUNK * 2 + 37, 301];
+        let make = |seed: u64| -> Vec<Var> {
+            let mut init = crate::ops::Initializer::new(seed);
+            sizes
+                .iter()
+                .map(|&n| Var::from_vec(init.normal(n, 0.5), n, &dev).unwrap())
+                .collect()
+        };
+        let (fused_vars, plain_vars) = (make(1), make(1));
+        let mut fused = AdamW::new(names.iter().zip(&fused_vars), 0.9, 0.999, 1e-8, 0.01).unwrap();
+        let mut plain = AdamW::new(names.iter().zip(&plain_vars), 0.9, 0.999, 1e-8, 0.01).unwrap();
+        let mut init = crate::ops::Initializer::new(7);
+        for step in 0..4 {
+            let grads: HashMap<String, Tensor> = names
+                .iter()
+                .zip(sizes)
+                .map(|(name, n)| {
+                    let g = Tensor::from_vec(init.normal(n, 1.0), n, &dev).unwrap();
+                    (name.clone(), g)
+                })
+                .collect();
+            let lr = 1e-3 * (step + 1) as f64;
+            fused.step_with(&grads, lr, true).unwrap();
+            plain.step_with(&grads, lr, false).unwrap();
+        }
+        for (a, b) in fused_vars.iter().zip(&plain_vars) {
+            let a: Vec<f32> = a.as_tensor().to_vec1().unwrap();
+            let b: Vec<f32> = b.as_tensor().to_vec1().unwrap();
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs() / y.abs().max(1e-3))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-6, "largest relative difference {worst}");
+        }
+        for (key, m) in fused.state() {
+            let want: Vec<f32> = plain.state()[&key].to_vec1().unwrap();
+            let got: Vec<f32> = m.to_vec1().unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(x, y)| (x - y).abs() <= 1e-6 * y.abs().max(1e-6)),
+                "{key}"
+            );
         }
     }
 
