@@ -78,21 +78,21 @@ impl AdamW {
             let Some(g) = grads.get(&slot.name) else {
                 continue;
             };
-            let rule = UpdateRule {
-                beta1: self.beta1 as f32,
-                one_minus_beta1: (1.0 - self.beta1) as f32,
-                beta2: self.beta2 as f32,
-                one_minus_beta2: (1.0 - self.beta2) as f32,
-                eps: self.eps as f32,
-                decay: if slot.decay && self.weight_decay > 0.0 {
-                    (1.0 - lr * self.weight_decay) as f32
-                } else {
-                    1.0
-                },
-                inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
-                step: (lr / bc1) as f32,
-            };
             if fused {
+                let rule = UpdateRule {
+                    beta1: self.beta1 as f32,
+                    one_minus_beta1: (1.0 - self.beta1) as f32,
+                    beta2: self.beta2 as f32,
+                    one_minus_beta2: (1.0 - self.beta2) as f32,
+                    eps: self.eps as f32,
+                    decay: if slot.decay && self.weight_decay > 0.0 {
+                        (1.0 - lr * self.weight_decay) as f32
+                    } else {
+                        1.0
+                    },
+                    inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+                    step: (lr / bc1) as f32,
+                };
                 if let Some((p, m, v)) =
                     fused_update(slot.var.as_tensor(), g, &slot.m, &slot.v, &rule)?
                 {
