@@ -16,7 +16,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use crate::model::params::{Init, ParamBuilder};
-use crate::ops::{frozen_linear, ForwardCtx};
+use crate::ops::{frozen_linear, trained_linear, ForwardCtx};
 use bf16::Bf16Weight;
 use quant::QuantizedWeight;
 
@@ -148,7 +148,9 @@ impl Linear {
         let full = 0..self.out_dim();
         // The frozen products add a frozen bias themselves; a trained weight or bias is added here.
         let (mut y, bias_added) = match &self.base {
-            LinearBase::Dense(w) if w.is_variable() || trained_bias => (x2.matmul(&w.t()?)?, false),
+            LinearBase::Dense(w) if w.is_variable() || trained_bias => {
+                (trained_linear(&x2, w, self.bias.as_ref())?, true)
+            }
             LinearBase::Dense(w) => (frozen_linear(&x2, w, frozen_bias)?, true),
             LinearBase::Quantized(q) => (
                 quant::quantized_linear(&x2, q, full, frozen_bias)?,
