@@ -368,7 +368,7 @@ impl CustomOp2 for FrozenMatmul {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (mut y, (n, out)) = cpu_product(x, xl, w, wl)?;
+        let (mut y, (n, out)) = product(x, xl, w, wl)?;
         if let Some(bias) = &self.bias {
             if bias.dims() != [out] {
                 candle_core::bail!("frozen-matmul: bias {:?} for {out} outputs", bias.dims());
@@ -390,11 +390,7 @@ impl CustomOp2 for FrozenMatmul {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let ((n, k), (out, k_w)) = (xl.shape().dims2()?, wl.shape().dims2()?);
-        if k != k_w {
-            candle_core::bail!("frozen-matmul: input ({n}, {k}) against weight ({out}, {k_w})");
-        }
-        let y = x.matmul(w, (1, n, out, k), xl, &wl.transpose(0, 1)?)?;
+        let (y, (n, out)) = product(x, xl, w, wl)?;
         let y = gpu::add_bias(y, (n, out), self.bias.as_ref())?;
         Ok((y, Shape::from((n, out))))
     }
@@ -410,13 +406,14 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
-/// `x @ w^T` on the CPU for x (n, in) and w (out, in): the product (n, out) and its shape.
-fn cpu_product(
-    x: &CpuStorage,
+/// `x @ w^T` on any backend's storage for x (n, in) and w (out, in): the product and its
+/// shape (n, out), on candle's GEMM (cuBLAS on a GPU).
+pub(crate) fn product<S: BackendStorage>(
+    x: &S,
     xl: &Layout,
-    w: &CpuStorage,
+    w: &S,
     wl: &Layout,
-) -> Result<(CpuStorage, (usize, usize))> {
+) -> Result<(S, (usize, usize))> {
     let ((n, k), (out, k_w)) = (xl.shape().dims2()?, wl.shape().dims2()?);
     if k != k_w {
         candle_core::bail!("linear: input ({n}, {k}) against weight ({out}, {k_w})");
@@ -427,11 +424,11 @@ fn cpu_product(
 
 /// `x @ w^T (+ b)` for x (n, in) and a weight w (out, in) or bias b (out) being trained.
 ///
-/// candle's composition (a matmul on `w.t()`, a broadcast add) makes the backward pass compute
-/// the weight gradient as `x^T grad`, (in, out), and add its transpose into the weight's
-/// gradient, and sum the bias gradient over rows in a strided single-threaded reduction: at the
-/// small shape's full fine-tuning this was a fifth of the step. Here the product is one op whose
-/// backward writes `grad^T x` as (out, in) directly and sums the bias gradient in parallel
+/// candle's composition (a matmul on `w.t()`, a broadcast add) makes the backward pass compute the
+/// weight gradient as `x^T grad`, (in, out), and add its transpose into the weight's gradient, and
+/// sum the bias gradient over rows in a strided single-threaded reduction: at the small shape's
+/// full fine-tuning this cost about a quarter of a step at 2 threads. Here the product is one op
+/// whose backward writes `grad^T x` as (out, in) directly and sums the bias gradient in parallel
 /// blocks; gradients go only to the operands that are trained or lead to something trained.
 pub fn trained_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     if !fused_for(x) {
@@ -526,7 +523,7 @@ impl CustomOp2 for TrainedLinear {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, shape) = cpu_product(x, xl, w, wl)?;
+        let (y, shape) = product(x, xl, w, wl)?;
         Ok((y, Shape::from(shape)))
     }
 
@@ -556,7 +553,7 @@ impl CustomOp3 for TrainedLinear {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (mut y, (n, out)) = cpu_product(x, xl, w, wl)?;
+        let (mut y, (n, out)) = product(x, xl, w, wl)?;
         let bias = match bl.contiguous_offsets() {
             Some(range) if bl.dims() == [out] => range,
             _ => candle_core::bail!("trained-linear: bias {:?} for {out} outputs", bl.dims()),

@@ -415,7 +415,7 @@ pub fn main() -> i32 {
         return 1;
     }
     let device = cli.device.as_deref();
-    let result = match cli.command {
+    let result = rayon::scope(|_| match cli.command {
         Command::Quickstart(a) => quickstart(a, device),
         Command::InitModel(a) => init_model(a),
         Command::PrepareBed(a) => prepare_bed(a),
@@ -431,7 +431,7 @@ pub fn main() -> i32 {
             vocab_size,
             out,
         }) => tokenizer_train(&input, vocab_size, &out),
-    };
+    });
     match result {
         Ok(()) => 0,
         Err(e) => {
@@ -469,18 +469,28 @@ fn shorten_candle_spin_wait() {
     }
 }
 
-/// candle's CPU kernels read rayon's thread count; it must be set before the first tensor op.
+/// Stack of rayon's worker threads, on one of which every command runs (see [`main`]): the
+/// main thread's size, as candle walks the autograd graph recursively.
+const WORKER_STACK_BYTES: usize = 8 << 20;
+
+/// Builds rayon's global pool, with `threads` threads or one per core. candle's CPU kernels
+/// read rayon's thread count, so it is set before the first tensor op.
+///
+/// Commands then run on a thread of that pool (`rayon::scope` in [`main`]) rather than on the
+/// main thread: each parallel op of a step (a GEMM, a fused kernel) is then split among the
+/// workers by the calling worker itself, which takes its share, instead of being handed across
+/// threads and the caller put to sleep until it returns.
 fn set_threads(threads: Option<usize>) -> Result<()> {
+    let mut pool = rayon::ThreadPoolBuilder::new().stack_size(WORKER_STACK_BYTES);
     if let Some(n) = threads {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .ok();
+        pool = pool.num_threads(n);
     }
+    pool.build_global()
+        .context("could not start the worker threads")?;
     Ok(())
 }
 

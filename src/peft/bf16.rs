@@ -217,21 +217,13 @@ impl CustomOp1 for DeviceBf16Matmul {
         x: &candle_core::CudaStorage,
         xl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let ((n, k), (out, k_w)) = (xl.shape().dims2()?, self.weight.dims2()?);
-        if k != k_w {
-            candle_core::bail!("bf16-matmul-gpu: input ({n}, {k}) against weight ({out}, {k_w})");
-        }
         let xb = x.to_dtype(xl, DType::BF16)?;
         let (storage, wl) = self.weight.storage_and_layout();
         let candle_core::Storage::Cuda(w) = &*storage else {
             candle_core::bail!("bf16-matmul-gpu: the weight is not on the GPU")
         };
-        let y = xb.matmul(
-            w,
-            (1, n, out, k),
-            &Layout::contiguous((n, k)),
-            &wl.transpose(0, 1)?,
-        )?;
+        let (y, (n, out)) =
+            crate::ops::product(&xb, &Layout::contiguous(xl.shape().dims()), w, wl)?;
         let y = y.to_dtype(&Layout::contiguous((n, out)), x.dtype())?;
         let y = crate::ops::gpu::add_bias(y, (n, out), self.bias.as_ref())?;
         Ok((y, Shape::from((n, out))))
