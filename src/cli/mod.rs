@@ -446,6 +446,9 @@ pub fn main() -> i32 {
 /// step pays for fresh zeroed pages: 10-20 % of a step, measured. Keeping freed memory in the
 /// process avoids that: blocks up to 256 MiB come from the heap, and the heap is never trimmed
 /// (a 117M-parameter step frees gigabytes at once, so any finite trim threshold is crossed).
+/// One arena for all threads: commands run on a rayon worker, and a thread's own arena grows
+/// in heaps of at most 64 MiB, so a larger activation (the small shape's gated MLP input at
+/// inference batch 256 is 64 MiB) would be mapped and unmapped on every call (inference -20 %).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator parameters; called before any thread starts.
@@ -453,6 +456,7 @@ fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
