@@ -415,7 +415,7 @@ pub fn main() -> i32 {
         return 1;
     }
     let device = cli.device.as_deref();
-    let result = rayon::scope(|_| match cli.command {
+    let result = match cli.command {
         Command::Quickstart(a) => quickstart(a, device),
         Command::InitModel(a) => init_model(a),
         Command::PrepareBed(a) => prepare_bed(a),
@@ -431,7 +431,7 @@ pub fn main() -> i32 {
             vocab_size,
             out,
         }) => tokenizer_train(&input, vocab_size, &out),
-    });
+    };
     match result {
         Ok(()) => 0,
         Err(e) => {
@@ -446,9 +446,6 @@ pub fn main() -> i32 {
 /// step pays for fresh zeroed pages: 10-20 % of a step, measured. Keeping freed memory in the
 /// process avoids that: blocks up to 256 MiB come from the heap, and the heap is never trimmed
 /// (a 117M-parameter step frees gigabytes at once, so any finite trim threshold is crossed).
-/// One arena for all threads: commands run on a rayon worker, and a thread's own arena grows
-/// in heaps of at most 64 MiB, so a larger activation (the small shape's gated MLP input at
-/// inference batch 256 is 64 MiB) would be mapped and unmapped on every call (inference -20 %).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator parameters; called before any thread starts.
@@ -456,7 +453,6 @@ fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
@@ -473,19 +469,15 @@ fn shorten_candle_spin_wait() {
     }
 }
 
-/// Stack of rayon's worker threads, on one of which every command runs (see [`main`]): the
-/// main thread's size, as candle walks the autograd graph recursively.
-const WORKER_STACK_BYTES: usize = 8 << 20;
-
-/// Builds rayon's global pool, with `threads` threads or one per core. candle's CPU kernels
-/// read rayon's thread count, so it is set before the first tensor op.
+/// Builds rayon's global pool, with `threads` threads or one per core, the main thread one of
+/// them. candle's CPU kernels read rayon's thread count, so it is set before the first tensor op.
 ///
-/// Commands then run on a thread of that pool (`rayon::scope` in [`main`]) rather than on the
-/// main thread: each parallel op of a step (a GEMM, a fused kernel) is then split among the
-/// workers by the calling worker itself, which takes its share, instead of being handed across
-/// threads and the caller put to sleep until it returns.
+/// With the main thread in the pool, each parallel op of a step (a GEMM, a fused kernel) is split
+/// by the main thread itself, which takes its share, instead of being handed to the pool's threads
+/// and the main thread put to sleep until they finish: a futex wake-up and sleep per op, hundreds
+/// of ops per step (small-shape training +10-20 % at 2 threads).
 fn set_threads(threads: Option<usize>) -> Result<()> {
-    let mut pool = rayon::ThreadPoolBuilder::new().stack_size(WORKER_STACK_BYTES);
+    let mut pool = rayon::ThreadPoolBuilder::new().use_current_thread();
     if let Some(n) = threads {
         if n == 0 {
             bail!("--threads must be at least 1");
