@@ -146,7 +146,8 @@ impl Linear {
         let trained_bias = self.bias.as_ref().is_some_and(|b| b.is_variable());
         let frozen_bias = self.bias.as_ref().filter(|_| !trained_bias);
         let full = 0..self.out_dim();
-        // The frozen products add a frozen bias themselves; a trained weight or bias is added here.
+        // The frozen products add a frozen bias themselves and `trained_linear` any bias; a trained
+        // bias on a quantized or bf16 base is added here.
         let (mut y, bias_added) = match &self.base {
             LinearBase::Dense(w) if w.is_variable() || trained_bias => {
                 (trained_linear(&x2, w, self.bias.as_ref())?, true)
