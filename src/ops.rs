@@ -5,8 +5,8 @@
 use std::cell::Cell;
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout,
-    Result, Shape, Tensor, WithDType, D,
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result,
+    Shape, Tensor, WithDType, D,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -356,6 +356,20 @@ fn add_rows<T: WithDType>(y: &mut [T], bias: &[T]) {
     }
 }
 
+/// Adds a bias (`out`, contiguous, the dtype of `y`) to every row of a CPU product `y` (n, out).
+fn add_bias_rows(y: &mut CpuStorage, out: usize, b: &CpuStorage, bl: &Layout) -> Result<()> {
+    let (start, end) = match bl.contiguous_offsets() {
+        Some(range) if bl.dims() == [out] => range,
+        _ => candle_core::bail!("linear: bias {:?} for {out} outputs", bl.dims()),
+    };
+    match (y, b) {
+        (CpuStorage::F32(y), CpuStorage::F32(b)) => add_rows(y, &b[start..end]),
+        (CpuStorage::F64(y), CpuStorage::F64(b)) => add_rows(y, &b[start..end]),
+        (y, b) => candle_core::bail!("linear: product {:?} with bias {:?}", y.dtype(), b.dtype()),
+    }
+    Ok(())
+}
+
 impl CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -370,14 +384,12 @@ impl CustomOp2 for FrozenMatmul {
     ) -> Result<(CpuStorage, Shape)> {
         let (mut y, (n, out)) = product(x, xl, w, wl)?;
         if let Some(bias) = &self.bias {
-            if bias.dims() != [out] {
-                candle_core::bail!("frozen-matmul: bias {:?} for {out} outputs", bias.dims());
-            }
-            match &mut y {
-                CpuStorage::F32(v) => add_rows(v, &bias.to_dtype(DType::F32)?.to_vec1()?),
-                CpuStorage::F64(v) => add_rows(v, &bias.to_dtype(DType::F64)?.to_vec1()?),
-                other => candle_core::bail!("frozen-matmul: unsupported dtype {:?}", other.dtype()),
-            }
+            let bias = bias.to_dtype(y.dtype())?.contiguous()?;
+            let (storage, layout) = bias.storage_and_layout();
+            let candle_core::Storage::Cpu(b) = &*storage else {
+                candle_core::bail!("frozen-matmul: bias on {:?}", bias.device().location())
+            };
+            add_bias_rows(&mut y, out, b, layout)?;
         }
         Ok((y, Shape::from((n, out))))
     }
@@ -554,19 +566,7 @@ impl CustomOp3 for TrainedLinear {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (mut y, (n, out)) = product(x, xl, w, wl)?;
-        let bias = match bl.contiguous_offsets() {
-            Some(range) if bl.dims() == [out] => range,
-            _ => candle_core::bail!("trained-linear: bias {:?} for {out} outputs", bl.dims()),
-        };
-        match (&mut y, b) {
-            (CpuStorage::F32(y), CpuStorage::F32(b)) => add_rows(y, &b[bias.0..bias.1]),
-            (CpuStorage::F64(y), CpuStorage::F64(b)) => add_rows(y, &b[bias.0..bias.1]),
-            (y, b) => candle_core::bail!(
-                "trained-linear: product {:?} with bias {:?}",
-                y.dtype(),
-                b.dtype()
-            ),
-        }
+        add_bias_rows(&mut y, out, b, bl)?;
         Ok((y, Shape::from((n, out))))
     }
 
