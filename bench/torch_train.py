@@ -4,9 +4,11 @@
 The model is the repository's independent reference module (tools/torch_reference/dnabert2.py)
 with its attention switched to `F.scaled_dot_product_attention`, the ALiBi + padding bias passed
 as `attn_mask` (the reference module computes the scores with plain matmuls, which is what this
-benchmark must not charge to PyTorch). Training uses torch.optim.AdamW; LoRA uses peft
-`LoraConfig(r=8, lora_alpha=16, target_modules=["Wqkv"])` with the pooler and the classifier
-trained in full (`modules_to_save`), the setting dnatune's `bench --method lora` uses.
+benchmark must not charge to PyTorch). A classic BERT checkpoint (k-mer DNABERT) runs on
+transformers' `BertForSequenceClassification` with SDPA attention. Training uses
+torch.optim.AdamW; LoRA uses peft `LoraConfig(r=8, lora_alpha=16, target_modules=["Wqkv"])`
+(["query", "key", "value"] for classic BERT) with the pooler and the classifier trained in full
+(`modules_to_save`), the setting dnatune's `bench --method lora` uses.
 
 Modes (one JSON object on stdout, peak RSS from `resource.getrusage`, loading included):
   train:    `--method full|lora`: warm-up steps, then timed optimiser steps on a fixed random batch
@@ -58,12 +60,47 @@ def use_sdpa(dnabert2) -> None:
     dnabert2.Attention.forward = forward
 
 
+def is_classic_bert(model_dir: Path) -> bool:
+    """Whether the checkpoint is a classic BERT (separate query/key/value: k-mer DNABERT)."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        return any(".attention.self.query." in k for k in f.keys())
+
+
+def load_classic_bert(model_dir: Path, device: str):
+    """transformers' own BertForSequenceClassification with SDPA attention, what a k-mer DNABERT
+    user runs; called as `model(ids, mask)` and returning logits, like the reference module."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    class Logits(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.model = bert
+
+        def forward(self, ids, mask):
+            return self.model(input_ids=ids, attention_mask=mask).logits
+
+    bert = BertForSequenceClassification.from_pretrained(str(model_dir), num_labels=2, attn_implementation="sdpa")
+    config = json.loads((model_dir / "config.json").read_text())
+    return Logits(bert).to(device), config
+
+
+def lora_targets(model_dir: Path) -> list[str]:
+    """dnatune's default LoRA targets: every attention projection."""
+    return ["query", "key", "value"] if is_classic_bert(model_dir) else ["Wqkv"]
+
+
 def load_model(model_dir: Path, device: str):
     """The reference classifier with the checkpoint's encoder weights; a head missing from the
-    checkpoint (dnatune's `init-model` writes none) starts random, as dnatune's does."""
+    checkpoint (dnatune's `init-model` writes none) starts random, as dnatune's does. A classic
+    BERT checkpoint loads into transformers' BERT instead."""
     import torch
     from safetensors.torch import load_file
 
+    if is_classic_bert(model_dir):
+        return load_classic_bert(model_dir, device)
     sys.path.insert(0, str(REPO / "tools" / "torch_reference"))
     import dnabert2
 
@@ -116,7 +153,7 @@ def train(args) -> dict:
             r=8,
             lora_alpha=16,
             lora_dropout=0.0,
-            target_modules=["Wqkv"],
+            target_modules=lora_targets(args.model),
             modules_to_save=["pooler", "classifier"],
         )
         model = get_peft_model(model, lora)

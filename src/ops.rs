@@ -1,6 +1,6 @@
 //! Numeric building blocks shared by the encoders and the adapters: fused layer norm, attention
-//! (whole, over a fused q|k|v projection, or its softmax) and gated GELU, the frozen-weight matmul
-//! that skips weight gradients, dropout with a seeded generator, and seeded initialisers.
+//! over a q|k|v projection, GELU (plain and gated), the linear layers whose backward computes only
+//! the gradients needed, dropout with a seeded generator, and seeded initialisers.
 
 use std::cell::Cell;
 
@@ -245,17 +245,6 @@ fn plain_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Res
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
-/// `softmax(scale * scores + bias)` over the last dimension, for attention: `bias` (ALiBi and
-/// the padding mask, no gradient) has the shape of `scores` or of a trailing block of it, e.g.
-/// (H, T, T) for scores (B, H, T, T).
-pub fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    if fused_for(scores) {
-        fused::attention_softmax(scores, bias, scale)
-    } else {
-        softmax_last(&(scores * scale)?.broadcast_add(&bias.detach())?)
-    }
-}
-
 /// Multi-head self-attention on a fused projection: `qkv` (B * T, 3 * hidden) holds every
 /// token's q, k and v side by side (DNABERT-2's `Wqkv` output); returns the context vectors
 /// (B * T, hidden), heads side by side. `bias` (B or 1, heads, T, T) is added to the scaled
@@ -294,7 +283,8 @@ pub fn qkv_attention(
             .contiguous()
     };
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-    let probs = attention_softmax(&q.matmul(&k.t()?)?, bias, scale)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias.detach())?;
+    let probs = softmax_last(&scores)?;
     let probs = ctx.dropout(&probs, dropout)?;
     probs.matmul(&v)?.transpose(1, 2)?.reshape((rows, hidden))
 }
@@ -311,6 +301,15 @@ pub fn gated_gelu(x: &Tensor) -> Result<Tensor> {
     }
     let half = width / 2;
     x.narrow(D::Minus1, 0, half)?.gelu_erf()? * x.narrow(D::Minus1, half, half)?
+}
+
+/// Exact (erf) GELU, BERT's MLP activation.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if fused_for(x) {
+        fused::gelu(x)
+    } else {
+        x.gelu_erf()
+    }
 }
 
 /// Softmax over the last dimension (differentiable).

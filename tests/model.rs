@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use dnatune::model::config::{Architecture, ModelConfig};
-use dnatune::model::params::{ParamBuilder, Trainable};
+use dnatune::model::params::{ParamBuilder, ParamStore, Trainable};
 use dnatune::model::{self, LoadOptions, Pooling, SequenceClassifier};
 use dnatune::ops::{alibi_slopes, with_plain_kernels, ForwardCtx, Initializer};
 use dnatune::peft::{Linear, LoraConfig};
@@ -231,20 +231,31 @@ fn tiny_config(arch: Architecture, layers: usize) -> ModelConfig {
     cfg
 }
 
-#[test]
-fn dnabert2_layer_gradients_match_finite_differences() {
+/// A one-layer f64 classifier of `arch` and its loss on two sequences, the second padded (so
+/// masked keys must pass no gradient through attention): what the finite-difference tests probe.
+fn tiny_classifier_loss(
+    arch: Architecture,
+    seed: u64,
+    pooling: Pooling,
+) -> (ParamStore, impl Fn() -> Tensor) {
     let dev = Device::Cpu;
-    let cfg = tiny_config(Architecture::Dnabert2, 1);
-    let mut b = ParamBuilder::fresh(3, &dev).with_dtype(DType::F64);
-    let model = SequenceClassifier::build(&mut b, &cfg, 2, Pooling::Cls).unwrap();
+    let cfg = tiny_config(arch, 1);
+    let mut b = ParamBuilder::fresh(seed, &dev).with_dtype(DType::F64);
+    let model = SequenceClassifier::build(&mut b, &cfg, 2, pooling).unwrap();
     let (params, _) = b.finish().unwrap();
     let ids = Tensor::new(&[[1u32, 7, 9, 5, 2], [1, 12, 6, 2, 3]], &dev).unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 1, 0]], &dev).unwrap();
     let labels = Tensor::new(&[1u32, 0], &dev).unwrap();
-    let loss = || {
+    let loss = move || {
         let logits = model.forward(&ids, &mask, &ForwardCtx::eval()).unwrap();
         candle_nn::loss::cross_entropy(&logits, &labels).unwrap()
     };
+    (params, loss)
+}
+
+#[test]
+fn dnabert2_layer_gradients_match_finite_differences() {
+    let (params, loss) = tiny_classifier_loss(Architecture::Dnabert2, 3, Pooling::Cls);
     let var = |n: &str| params.entries[n].var.clone().unwrap();
     let p = "bert.encoder.layer.0";
     check_gradient(
@@ -277,6 +288,31 @@ fn dnabert2_layer_gradients_match_finite_differences() {
         &loss,
         &[7 * 12 + 2, 12 * 12 + 5],
         "embeddings",
+    );
+}
+
+#[test]
+fn bert_layer_gradients_match_finite_differences() {
+    let (params, loss) = tiny_classifier_loss(Architecture::Bert, 4, Pooling::Mean);
+    let var = |n: &str| params.entries[n].var.clone().unwrap();
+    let p = "bert.encoder.layer.0";
+    for (name, entries) in [
+        ("attention.self.query.weight", &[0usize, 50, 143][..]),
+        ("attention.self.key.weight", &[3, 77]),
+        ("attention.self.value.weight", &[5, 130]),
+        ("attention.self.value.bias", &[2, 11]),
+        ("attention.output.dense.weight", &[1, 99]),
+        ("intermediate.dense.weight", &[0, 100, 239]),
+        ("output.dense.weight", &[4, 200]),
+        ("output.LayerNorm.weight", &[1, 11]),
+    ] {
+        check_gradient(&var(&format!("{p}.{name}")), &loss, entries, name);
+    }
+    check_gradient(
+        &var("bert.embeddings.position_embeddings.weight"),
+        &loss,
+        &[2 * 12 + 3, 3 * 12 + 7],
+        "position embeddings",
     );
 }
 

@@ -27,25 +27,27 @@ fn dnatune(args: &[&str]) -> std::process::Output {
     out
 }
 
+/// A tiny two-layer DNABERT-2 with the shipped BPE tokenizer.
 fn init_tiny(dir: &Path, hidden: &str) {
     let tok = repo("assets/tokenizers/dna-bpe-4096/tokenizer.json");
-    dnatune(&[
-        "init-model",
-        "--arch",
-        "dnabert2",
-        "--layers",
-        "2",
-        "--hidden",
+    init_tiny_with(
+        dir,
         hidden,
-        "--heads",
-        "2",
-        "--intermediate",
-        "128",
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
+        &["--arch", "dnabert2", "--tokenizer", tok.to_str().unwrap()],
+    );
+}
+
+/// A tiny two-layer classic BERT with an overlapping 3-mer vocabulary (k-mer DNABERT's layout).
+fn init_tiny_kmer(dir: &Path, hidden: &str) {
+    init_tiny_with(dir, hidden, &["--arch", "bert", "--kmer", "3"]);
+}
+
+fn init_tiny_with(dir: &Path, hidden: &str, architecture: &[&str]) {
+    let mut args = vec!["init-model"];
+    args.extend_from_slice(architecture);
+    args.extend_from_slice(&["--layers", "2", "--hidden", hidden, "--heads", "2"]);
+    args.extend_from_slice(&["--intermediate", "128", "--out", dir.to_str().unwrap()]);
+    dnatune(&args);
 }
 
 fn metrics(run: &Path) -> serde_json::Value {
@@ -242,9 +244,19 @@ fn rerun_seed_sweep_reuses_finished_seeds_and_resumes_interrupted_ones() {
 #[test]
 fn fused_kernels_train_like_the_plain_candle_ops() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("model");
-    init_tiny(&model, "64");
-    for method in [Method::Full, Method::Lora, Method::QloraNf4] {
+    let dnabert2 = tmp.path().join("dnabert2");
+    init_tiny(&dnabert2, "64");
+    let kmer_bert = tmp.path().join("kmer-bert");
+    init_tiny_kmer(&kmer_bert, "64");
+    let cases = [
+        (&dnabert2, Method::Full),
+        (&dnabert2, Method::Lora),
+        (&dnabert2, Method::QloraNf4),
+        (&kmer_bert, Method::Full),
+        (&kmer_bert, Method::Lora),
+    ];
+    for (model, method) in cases {
+        let arch = model.file_name().unwrap().to_str().unwrap();
         let cfg = |out: &str| TrainConfig {
             model: model.clone(),
             data: repo("data/gue-tf0"),
@@ -257,24 +269,24 @@ fn fused_kernels_train_like_the_plain_candle_ops() {
             max_length: 48,
             ..TrainConfig::default()
         };
-        let fast_cfg = cfg(&format!("fast-{}", method.name()));
-        let plain_cfg = cfg(&format!("plain-{}", method.name()));
+        let fast_cfg = cfg(&format!("fast-{arch}-{}", method.name()));
+        let plain_cfg = cfg(&format!("plain-{arch}-{}", method.name()));
         dnatune::train::run(&fast_cfg, false).unwrap();
         dnatune::ops::with_plain_kernels(|| dnatune::train::run(&plain_cfg, false)).unwrap();
         let fast = step_losses(&fast_cfg.out);
         let plain = step_losses(&plain_cfg.out);
-        assert_eq!(fast.len(), 6, "{method:?}: one loss per step");
+        assert_eq!(fast.len(), 6, "{arch} {method:?}: one loss per step");
         assert_eq!(fast.len(), plain.len());
         // The run must move, or equal curves would prove nothing about the backward passes.
         assert!(
             fast[0] != fast[5],
-            "{method:?}: loss did not change: {fast:?}"
+            "{arch} {method:?}: loss did not change: {fast:?}"
         );
         for (step, (f, p)) in fast.iter().zip(&plain).enumerate() {
             let rel = (f - p).abs() / p.abs().max(1e-12);
             assert!(
                 rel < 1e-4,
-                "{method:?} step {step}: fused {f} vs plain {p} (relative {rel:e})"
+                "{arch} {method:?} step {step}: fused {f} vs plain {p} (relative {rel:e})"
             );
         }
     }

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use crate::model::config::ModelConfig;
 use crate::model::layers::{Embedding, LayerNorm};
 use crate::model::params::ParamBuilder;
-use crate::ops::{attention_softmax, ForwardCtx};
+use crate::ops::{gelu, qkv_attention, ForwardCtx};
 use crate::peft::Linear;
 
 struct Layer {
@@ -97,7 +97,6 @@ impl BertEncoder {
             );
         }
         let (h, nh) = (self.hidden, self.heads);
-        let hd = h / nh;
         let dev = ids.device();
         let positions = Tensor::arange(0u32, t as u32, dev)?.reshape((1, t))?;
         let types = Tensor::zeros((b, t), candle_core::DType::U32, dev)?;
@@ -106,6 +105,8 @@ impl BertEncoder {
             .forward(ids)?
             .broadcast_add(&self.position.forward(&positions)?)?
             .broadcast_add(&self.token_type.forward(&types)?)?;
+        // The layers work on (batch * seq, hidden): no reshape nodes around every product.
+        let x = x.reshape((b * t, h))?;
         let mut x = ctx.dropout(&self.emb_norm.forward(&x)?, self.hidden_dropout)?;
         // Hugging Face masks padded keys with the most negative float; any large negative
         // gives the same probabilities to float precision.
@@ -113,28 +114,23 @@ impl BertEncoder {
             .reshape((b, 1, 1, t))?
             .broadcast_as((b, nh, t, t))?
             .contiguous()?;
-        let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
-            let heads = |lin: &Linear| -> candle_core::Result<Tensor> {
-                lin.forward(&x, ctx)?
-                    .reshape((b, t, nh, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let (q, k, v) = (
-                heads(&layer.query)?,
-                heads(&layer.key)?,
-                heads(&layer.value)?,
-            );
-            let probs = attention_softmax(&q.matmul(&k.t()?)?, &pad, scale)?;
-            let probs = ctx.dropout(&probs, self.attention_dropout)?;
-            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+            // q, k and v side by side, the layout the attention op reads (DNABERT-2's `Wqkv`).
+            let qkv = Tensor::cat(
+                &[
+                    layer.query.forward(&x, ctx)?,
+                    layer.key.forward(&x, ctx)?,
+                    layer.value.forward(&x, ctx)?,
+                ],
+                1,
+            )?;
+            let attn = qkv_attention(&qkv, &pad, nh, t, self.attention_dropout, ctx)?;
             let attn = ctx.dropout(&layer.attn_out.forward(&attn, ctx)?, self.hidden_dropout)?;
             x = layer.attn_norm.forward(&(attn + &x)?)?;
-            let inter = layer.intermediate.forward(&x, ctx)?.gelu_erf()?;
+            let inter = gelu(&layer.intermediate.forward(&x, ctx)?)?;
             let out = ctx.dropout(&layer.output.forward(&inter, ctx)?, self.hidden_dropout)?;
             x = layer.out_norm.forward(&(out + &x)?)?;
         }
-        Ok(x)
+        x.reshape((b, t, h))
     }
 }

@@ -68,7 +68,7 @@ impl MaskedLm {
         let hidden = self.encoder.forward(ids, mask, ctx)?;
         let h = hidden.dim(2)?;
         let picked = hidden.reshape(((), h))?.index_select(positions, 0)?;
-        let x = self.transform.forward(&picked, ctx)?.gelu_erf()?;
+        let x = crate::ops::gelu(&self.transform.forward(&picked, ctx)?)?;
         let x = self.norm.forward(&x)?;
         x.matmul(&self.encoder.word_embeddings().t()?)?
             .broadcast_add(&self.decoder_bias)

@@ -4,7 +4,7 @@
 //! Every kernel is tested against the plain candle composition (values and gradients).
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
@@ -242,158 +242,7 @@ pub(super) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -
 }
 
 // ---------------------------------------------------------------------------------------------
-// Attention probabilities: softmax(scale * scores + bias) over the last dimension
-
-struct AttentionSoftmax {
-    scale: f64,
-}
-
-fn softmax_forward<T: WithDType>(s: &[T], bias: &[T], cols: usize, scale: f64) -> Vec<T> {
-    // `bias` repeats over leading dimensions when it is shorter than `s` (a shared ALiBi table).
-    let period = bias.len();
-    let rows = s.len() / cols;
-    let mut out = vec![T::from_f64(0.0); s.len()];
-    let body = |(r, o): (usize, &mut [T])| {
-        let row = &s[r * cols..(r + 1) * cols];
-        let off = (r * cols) % period;
-        let brow = &bias[off..off + cols];
-        let mut max = f64::NEG_INFINITY;
-        for c in 0..cols {
-            let v = row[c].to_f64() * scale + brow[c].to_f64();
-            max = max.max(v);
-        }
-        let mut sum = 0f64;
-        let mut tmp = vec![0f64; cols];
-        for c in 0..cols {
-            let e = (row[c].to_f64() * scale + brow[c].to_f64() - max).exp();
-            tmp[c] = e;
-            sum += e;
-        }
-        for c in 0..cols {
-            o[c] = T::from_f64(tmp[c] / sum);
-        }
-    };
-    if s.len() >= PARALLEL_MIN {
-        out.par_chunks_mut(cols).enumerate().for_each(body);
-    } else {
-        out.chunks_mut(cols).enumerate().for_each(body);
-    }
-    debug_assert_eq!(rows * cols, s.len());
-    out
-}
-
-fn softmax_backward<T: WithDType>(p: &[T], g: &[T], cols: usize, scale: f64) -> Vec<T> {
-    let mut dx = vec![T::from_f64(0.0); p.len()];
-    let body = |(r, d): (usize, &mut [T])| {
-        let pr = &p[r * cols..(r + 1) * cols];
-        let gr = &g[r * cols..(r + 1) * cols];
-        let dot: f64 = pr
-            .iter()
-            .zip(gr)
-            .map(|(a, b)| a.to_f64() * b.to_f64())
-            .sum();
-        for c in 0..cols {
-            d[c] = T::from_f64(scale * pr[c].to_f64() * (gr[c].to_f64() - dot));
-        }
-    };
-    if p.len() >= PARALLEL_MIN {
-        dx.par_chunks_mut(cols).enumerate().for_each(body);
-    } else {
-        dx.chunks_mut(cols).enumerate().for_each(body);
-    }
-    dx
-}
-
-impl CustomOp2 for AttentionSoftmax {
-    fn name(&self) -> &'static str {
-        "fused-attention-softmax"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let cols = last_dim(l1.shape());
-        let out = match (s1, s2) {
-            (CpuStorage::F32(s), CpuStorage::F32(b)) => CpuStorage::F32(softmax_forward(
-                contiguous(s, l1, self.name())?,
-                contiguous(b, l2, self.name())?,
-                cols,
-                self.scale,
-            )),
-            (CpuStorage::F64(s), CpuStorage::F64(b)) => CpuStorage::F64(softmax_forward(
-                contiguous(s, l1, self.name())?,
-                contiguous(b, l2, self.name())?,
-                cols,
-                self.scale,
-            )),
-            _ => candle_core::bail!("fused softmax supports f32 and f64 of one dtype"),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        s: &Tensor,
-        _bias: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let cols = s.dim(candle_core::D::Minus1)?;
-        let ds = match s.dtype() {
-            DType::F32 => Tensor::from_vec(
-                softmax_backward(
-                    &values::<f32>(res)?,
-                    &values::<f32>(grad)?,
-                    cols,
-                    self.scale,
-                ),
-                s.shape(),
-                s.device(),
-            )?,
-            DType::F64 => Tensor::from_vec(
-                softmax_backward(
-                    &values::<f64>(res)?,
-                    &values::<f64>(grad)?,
-                    cols,
-                    self.scale,
-                ),
-                s.shape(),
-                s.device(),
-            )?,
-            dt => candle_core::bail!("fused softmax: unsupported dtype {dt:?}"),
-        };
-        // The bias (ALiBi and padding mask) is a constant: no gradient.
-        Ok((Some(ds), None))
-    }
-}
-
-/// `softmax(scale * scores + bias)` over the last dimension. `bias` must tile `scores` along
-/// leading dimensions: the same shape, or a trailing block of it that repeats (e.g. (H, T, T)
-/// for scores (B, H, T, T)). The bias gets no gradient.
-pub(super) fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    let (n, p) = (scores.elem_count(), bias.elem_count());
-    if p == 0 || n % p != 0 || last_dim(scores.shape()) != last_dim(bias.shape()) {
-        candle_core::bail!(
-            "attention bias {:?} does not tile scores {:?}",
-            bias.dims(),
-            scores.dims()
-        );
-    }
-    // Detached: a bias computed from tracked tensors would otherwise be a graph node that never
-    // receives the gradient candle's backward pass expects of it.
-    scores
-        .contiguous()?
-        .apply_op2(&bias.detach().contiguous()?, AttentionSoftmax { scale })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Gated GELU: gelu(x[.., :i]) * x[.., i:]
-
-struct GatedGelu;
+// GELU, plain and gated (gelu(x[.., :i]) * x[.., i:])
 
 /// 1 / sqrt(2 pi): the normal density's constant.
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
@@ -536,65 +385,109 @@ multiversion! {
     }
 }
 
-/// The gated GELU of every row.
-fn gated_gelu_forward<T: GeluFloat>(x: &[T], cols: usize) -> Vec<T> {
-    map_rows(x, cols, cols / 2, gated_gelu_row)
-}
-
-/// The gated GELU's input gradient for every row; in parallel over rows for large tensors.
-fn gated_gelu_backward<T: GeluFloat>(x: &[T], g: &[T], cols: usize) -> Vec<T> {
-    let mut dx = vec![T::from_f64(0.0); x.len()];
-    let half = cols / 2;
-    if x.len() >= PARALLEL_MIN {
-        dx.par_chunks_mut(cols)
-            .zip(x.par_chunks(cols).zip(g.par_chunks(half)))
-            .for_each(|(d, (xr, gr))| gated_gelu_grad_row(xr, gr, d));
-    } else {
-        dx.chunks_mut(cols)
-            .zip(x.chunks(cols).zip(g.chunks(half)))
-            .for_each(|(d, (xr, gr))| gated_gelu_grad_row(xr, gr, d));
+multiversion! {
+    /// One row of GELU: `out = gelu(x)`.
+    fn gelu_row<T: GeluFloat>(x: &[T], out: &mut [T]) {
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = x.gelu();
+        }
     }
-    dx
 }
 
-impl CustomOp1 for GatedGelu {
+multiversion! {
+    /// One row of GELU's input gradient: `dx = g * gelu'(x)`.
+    fn gelu_grad_row<T: GeluFloat>(x: &[T], g: &[T], dx: &mut [T]) {
+        for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+            *d = g * x.gelu_and_grad().1;
+        }
+    }
+}
+
+/// Exact (erf) GELU over the last dimension: of all of it (BERT's MLP), or of its first half
+/// times its second half (`gated`, DNABERT-2's MLP).
+struct Gelu {
+    gated: bool,
+}
+
+impl Gelu {
+    /// The output's last dimension for an input's.
+    fn out_cols(&self, cols: usize) -> usize {
+        if self.gated {
+            cols / 2
+        } else {
+            cols
+        }
+    }
+
+    fn forward<T: GeluFloat>(&self, x: &[T], cols: usize) -> Vec<T> {
+        let row = if self.gated { gated_gelu_row } else { gelu_row };
+        map_rows(x, cols, self.out_cols(cols), row)
+    }
+
+    /// The input gradient for every row; in parallel over rows for large tensors.
+    fn backward<T: GeluFloat>(&self, x: &[T], g: &[T], cols: usize) -> Vec<T> {
+        let mut dx = vec![T::from_f64(0.0); x.len()];
+        let g_cols = self.out_cols(cols);
+        let row = if self.gated {
+            gated_gelu_grad_row
+        } else {
+            gelu_grad_row
+        };
+        if x.len() >= PARALLEL_MIN {
+            dx.par_chunks_mut(cols)
+                .zip(x.par_chunks(cols).zip(g.par_chunks(g_cols)))
+                .for_each(|(d, (xr, gr))| row(xr, gr, d));
+        } else {
+            dx.chunks_mut(cols)
+                .zip(x.chunks(cols).zip(g.chunks(g_cols)))
+                .for_each(|(d, (xr, gr))| row(xr, gr, d));
+        }
+        dx
+    }
+}
+
+impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
-        "fused-gated-gelu"
+        if self.gated {
+            "fused-gated-gelu"
+        } else {
+            "fused-gelu"
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let cols = last_dim(l.shape());
-        if !cols.is_multiple_of(2) {
+        if self.gated && !cols.is_multiple_of(2) {
             candle_core::bail!("gated GELU needs an even last dimension, got {cols}");
         }
         let out = match s {
             CpuStorage::F32(x) => {
-                CpuStorage::F32(gated_gelu_forward(contiguous(x, l, self.name())?, cols))
+                CpuStorage::F32(self.forward(contiguous(x, l, self.name())?, cols))
             }
             CpuStorage::F64(x) => {
-                CpuStorage::F64(gated_gelu_forward(contiguous(x, l, self.name())?, cols))
+                CpuStorage::F64(self.forward(contiguous(x, l, self.name())?, cols))
             }
-            _ => candle_core::bail!("gated GELU supports f32 and f64"),
+            _ => candle_core::bail!("{} supports f32 and f64", self.name()),
         };
         let mut dims = l.shape().dims().to_vec();
-        *dims.last_mut().expect("non-empty") = cols / 2;
+        if let Some(last) = dims.last_mut() {
+            *last = self.out_cols(cols);
+        }
         Ok((out, Shape::from(dims)))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let cols = x.dim(candle_core::D::Minus1)?;
+        let cols = last_dim(x.shape());
         let dx = match x.dtype() {
             DType::F32 => {
-                let (xv, gv) = (values::<f32>(x)?, values::<f32>(grad)?);
-                let dx = gated_gelu_backward(&xv, &gv, cols);
+                let dx = self.backward(&values::<f32>(x)?, &values::<f32>(grad)?, cols);
                 Tensor::from_vec(dx, x.shape(), x.device())?
             }
             DType::F64 => {
-                let (xv, gv) = (values::<f64>(x)?, values::<f64>(grad)?);
-                let dx = gated_gelu_backward(&xv, &gv, cols);
+                let dx = self.backward(&values::<f64>(x)?, &values::<f64>(grad)?, cols);
                 Tensor::from_vec(dx, x.shape(), x.device())?
             }
-            dt => candle_core::bail!("gated GELU: unsupported dtype {dt:?}"),
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()),
         };
         Ok(Some(dx))
     }
@@ -603,7 +496,12 @@ impl CustomOp1 for GatedGelu {
 /// DNABERT-2's gated MLP activation: exact GELU of the first half of the last dimension times
 /// the second half.
 pub(super) fn gated_gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(GatedGelu)
+    x.contiguous()?.apply_op1(Gelu { gated: true })
+}
+
+/// Exact GELU of every element.
+pub(super) fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu { gated: false })
 }
 
 #[cfg(test)]
@@ -678,67 +576,21 @@ mod tests {
     }
 
     #[test]
-    fn attention_softmax_equals_plain_composition() {
-        let mut init = Initializer::new(2);
-        for (b, h, t) in [(2usize, 3usize, 5usize), (1, 1, 1), (3, 2, 17)] {
-            let s = random(&mut init, &[b, h, t, t], 1.5);
-            let full = random(&mut init, &[b, h, t, t], 1.0);
-            let reference = plain(|| crate::ops::attention_softmax(&s, &full, 0.3)).unwrap();
-            compare(
-                &attention_softmax(&s, full.as_tensor(), 0.3).unwrap(),
-                &reference,
-                &[&s],
-                1e-9,
-            );
-            // A bias shared over the batch (ALiBi without padding) tiles the scores.
-            let shared = random(&mut init, &[h, t, t], 1.0);
-            let reference = plain(|| crate::ops::attention_softmax(&s, &shared, 0.3)).unwrap();
-            compare(
-                &attention_softmax(&s, shared.as_tensor(), 0.3).unwrap(),
-                &reference,
-                &[&s],
-                1e-9,
-            );
-            // Padding: the last keys of every sequence but the first masked out as the encoders
-            // do it (a large negative bias); their probabilities must vanish.
-            let mut mask = vec![0f64; b * h * t * t];
-            for (i, v) in mask.iter_mut().enumerate() {
-                let (seq, key) = (i / (h * t * t), i % t);
-                if seq > 0 && key + seq >= t && key > 0 {
-                    *v = -10000.0;
-                }
-            }
-            let padded = Tensor::from_vec(mask, (b, h, t, t), &Device::Cpu).unwrap();
-            let padded = padded.broadcast_add(shared.as_tensor()).unwrap();
-            let fused = attention_softmax(&s, &padded, 0.3).unwrap();
-            let reference = plain(|| crate::ops::attention_softmax(&s, &padded, 0.3)).unwrap();
-            compare(&fused, &reference, &[&s], 1e-9);
-            let probs: Vec<f64> = fused.flatten_all().unwrap().to_vec1().unwrap();
-            for (i, p) in probs.iter().enumerate() {
-                let (seq, key) = (i / (h * t * t), i % t);
-                if seq > 0 && key + seq >= t && key > 0 {
-                    assert!(*p < 1e-100, "masked key kept probability {p}");
-                }
-            }
-        }
-        let s = Tensor::zeros((2, 4), DType::F64, &Device::Cpu).unwrap();
-        let wrong = Tensor::zeros((3,), DType::F64, &Device::Cpu).unwrap();
-        assert!(attention_softmax(&s, &wrong, 1.0).is_err());
-    }
-
-    #[test]
-    fn gated_gelu_equals_plain_composition() {
+    fn gelu_equals_plain_composition() {
         let mut init = Initializer::new(3);
-        for dims in [[2usize, 3, 8], [1, 1, 2], [5, 7, 66]] {
+        for dims in [[2usize, 3, 8], [1, 1, 2], [5, 7, 66], [3, 200, 70]] {
             let x = random(&mut init, &dims, 2.0);
-            let reference = plain(|| crate::ops::gated_gelu(&x)).unwrap();
             // candle's GELU backward uses 1/sqrt(2 pi) rounded to 0.398942 (relative error 1e-6);
             // the fused kernel is exact, and the model's finite-difference test checks it.
+            let reference = plain(|| crate::ops::gated_gelu(&x)).unwrap();
             compare(&gated_gelu(&x).unwrap(), &reference, &[&x], 1e-5);
+            let reference = plain(|| crate::ops::gelu(&x)).unwrap();
+            compare(&gelu(&x).unwrap(), &reference, &[&x], 1e-5);
         }
         let odd = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
         assert!(gated_gelu(&odd).is_err());
         assert!(plain(|| crate::ops::gated_gelu(&odd)).is_err());
+        assert_eq!(gelu(&odd).unwrap().dims(), &[2, 3]);
     }
 
     #[test]
@@ -763,20 +615,26 @@ mod tests {
     }
 
     #[test]
-    fn f32_gated_gelu_matches_f64_kernel() {
+    fn f32_gelu_matches_f64_kernel() {
         let mut init = Initializer::new(5);
         // Odd widths, rows below and above the parallel threshold, values far into the tails.
-        for dims in [[3usize, 5, 14], [2, 300, 130]] {
+        for (dims, gated) in [
+            ([3usize, 5, 14], true),
+            ([2, 300, 130], true),
+            ([3, 7, 9], false),
+        ] {
             let x64 = random(&mut init, &dims, 3.0);
             let x32 = Var::from_tensor(&x64.to_dtype(DType::F32).unwrap()).unwrap();
+            let out_cols = if gated { dims[2] / 2 } else { dims[2] };
             let w = Tensor::from_vec(
-                Initializer::new(8).normal(dims[0] * dims[1] * dims[2] / 2, 1.0),
-                (dims[0], dims[1], dims[2] / 2),
+                Initializer::new(8).normal(dims[0] * dims[1] * out_cols, 1.0),
+                (dims[0], dims[1], out_cols),
                 &Device::Cpu,
             )
             .unwrap();
-            let y32 = gated_gelu(&x32).unwrap();
-            let y64 = gated_gelu(&x64).unwrap();
+            let activation = if gated { gated_gelu } else { gelu };
+            let y32 = activation(&x32).unwrap();
+            let y64 = activation(&x64).unwrap();
             let g32 = (&y32 * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let g64 = (&y64 * &w.to_dtype(DType::F64).unwrap())
                 .unwrap()
@@ -805,6 +663,8 @@ mod tests {
         assert_eq!(max_diff(&via_ops, &fused), 0.0);
         let via_ops = crate::ops::gated_gelu(&x).unwrap();
         assert_eq!(max_diff(&via_ops, &gated_gelu(&x).unwrap()), 0.0);
+        let via_ops = crate::ops::gelu(&x).unwrap();
+        assert_eq!(max_diff(&via_ops, &gelu(&x).unwrap()), 0.0);
         assert!(plain(|| !crate::ops::fused_for(&x)));
         assert!(
             crate::ops::fused_for(&x),
