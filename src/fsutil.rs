@@ -44,6 +44,16 @@ pub fn write_atomic_with(
     result.with_context(|| format!("writing {}", path.display()))
 }
 
+/// `field` as a CSV field: quoted (inner quotes doubled) when it holds a comma, a quote or a line
+/// break, as it is otherwise.
+pub fn csv_field(field: &str) -> std::borrow::Cow<'_, str> {
+    if field.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", field.replace('"', "\"\"")).into()
+    } else {
+        field.into()
+    }
+}
+
 /// Serialises `value` as pretty JSON into `path`, atomically.
 pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value)?;

@@ -2,13 +2,15 @@
 //!
 //! The modules mirror the pipeline: `data` (files to records and splits) -> `tokenize` (records to
 //! token ids) -> `batch` (ids to padded batches) -> `model` + `peft` (encoder, heads, adapters) ->
-//! `train` (loop, optimiser, schedule, checkpoints) -> `eval` (metrics, report).
+//! `train` (loop, optimiser, schedule, checkpoints) -> `eval` (metrics, report) -> `explain` (which
+//! bases drive a call).
 
 pub mod batch;
 pub mod cli;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod explain;
 pub mod fsutil;
 pub mod model;
 pub mod ops;

@@ -48,6 +48,14 @@ enum Command {
     Predict(PredictArgs),
     /// Evaluate a model on a labelled file.
     Eval(EvalArgs),
+    /// Explain predictions: each base's effect on the call (in-silico mutagenesis) and the
+    /// window of bases that drives it.
+    ///
+    /// Every base is replaced by each of the other three and the mutant scored, 3 x length
+    /// forward passes per sequence. `--out` is a directory: effects.csv (a row per base: the
+    /// change in the class's log-odds per substitution and their mean drop, the importance) and
+    /// motifs.csv (a row per sequence: its strongest `--motif-width` window).
+    Explain(ExplainArgs),
     /// Measure training throughput.
     Bench(BenchArgs),
     /// Pre-train a model with masked language modelling on a DNA corpus.
@@ -347,10 +355,25 @@ struct InspectArgs {
 struct PredictArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Sequences: CSV/TSV (a `sequence` column) or FASTA.
     #[arg(long)]
     input: PathBuf,
+    /// Where results go: a CSV file (predict) or a directory (explain).
     #[arg(long)]
     out: PathBuf,
+}
+
+/// `predict`'s arguments, with `--out` a directory, and the explanation's own.
+#[derive(Args)]
+struct ExplainArgs {
+    #[command(flatten)]
+    io: PredictArgs,
+    /// The class whose log-odds are explained (default: the class predicted for each sequence).
+    #[arg(long)]
+    class: Option<usize>,
+    /// Width in bases of the window reported as each sequence's motif.
+    #[arg(long, default_value_t = 12)]
+    motif_width: usize,
 }
 
 #[derive(Args)]
@@ -422,6 +445,7 @@ pub fn main() -> i32 {
         Command::Train(a) => train_cmd(*a, device),
         Command::Predict(a) => predict(a, device),
         Command::Eval(a) => eval_cmd(a, device),
+        Command::Explain(a) => explain_cmd(a, device),
         Command::Bench(a) => bench_cmd(a, device),
         Command::Pretrain(a) => pretrain_cmd(*a, device),
         Command::Merge(a) => merge_cmd(a),
@@ -784,13 +808,14 @@ fn predict(a: PredictArgs, device: Option<&str>) -> Result<()> {
     report_skipped(&ds, &a.input);
     let ids = train::encode_all(&ds.records, tokenizer.as_ref(), a.model.max_length);
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
-    let probs = train::predict_probs(
+    let probs = train::predict(
         &loaded.model,
         &ids,
         tokenizer.special_tokens().pad,
         a.model.batch_size,
         &device,
         Some(&bar),
+        train::Scores::Probabilities,
     )?;
     bar.finish_and_clear();
     train::write_predictions(&a.out, &ds.records, &probs, loaded.model.num_labels, false)?;
@@ -798,6 +823,44 @@ fn predict(a: PredictArgs, device: Option<&str>) -> Result<()> {
         "wrote {} predictions to {}",
         ds.records.len(),
         a.out.display()
+    );
+    Ok(())
+}
+
+fn explain_cmd(a: ExplainArgs, device: Option<&str>) -> Result<()> {
+    if a.motif_width == 0 {
+        bail!("--motif-width must be at least 1");
+    }
+    let PredictArgs { model, input, out } = &a.io;
+    let device = chosen_device(device)?;
+    let (loaded, tokenizer) = load_for_inference(model, &device)?;
+    let ds = data::read_records(input, &read_opts(model, LabelPolicy::Optional))?;
+    report_skipped(&ds, input);
+    let explainer = crate::explain::Explainer {
+        model: &loaded.model,
+        tokenizer: tokenizer.as_ref(),
+        max_len: model.max_length,
+        batch_size: model.batch_size,
+        device: &device,
+        motif_width: a.motif_width,
+    };
+    let bar = indicatif::ProgressBar::new(ds.records.len() as u64);
+    let mut explained = Vec::with_capacity(ds.records.len());
+    for record in &ds.records {
+        let e = explainer
+            .explain(&record.seq, a.class)
+            .with_context(|| format!("explaining `{}`", record.id))?;
+        explained.push((record, e));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    crate::explain::write_explanations(out, &explained)?;
+    println!(
+        "explained {} sequences: per-base effects in {}, strongest {}-bp windows in {}",
+        explained.len(),
+        out.join("effects.csv").display(),
+        a.motif_width,
+        out.join("motifs.csv").display()
     );
     Ok(())
 }

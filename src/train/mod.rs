@@ -47,34 +47,47 @@ pub fn batch_tensors(batch: &Batch, device: &Device) -> Result<(Tensor, Tensor)>
     Ok((ids, mask))
 }
 
-/// Class probabilities (row-major N x C) for `sequences`, in their order. Batches are formed from
+/// What [`predict`] returns per sequence and class.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scores {
+    Probabilities,
+    /// Raw logits: what log-odds are computed from without the rounding of probabilities near 0
+    /// or 1.
+    Logits,
+}
+
+/// Class scores (row-major N x C) for `sequences`, in their order. Batches are formed from
 /// length-sorted sequences so little compute goes to padding.
-pub fn predict_probs(
+pub fn predict(
     model: &SequenceClassifier,
     sequences: &[Vec<u32>],
     pad_id: u32,
     batch_size: usize,
     device: &Device,
     progress: Option<&ProgressBar>,
+    scores: Scores,
 ) -> Result<Vec<f32>> {
     let c = model.num_labels;
     let mut order: Vec<usize> = (0..sequences.len()).collect();
     order.sort_by_key(|&i| sequences[i].len());
-    let mut probs = vec![0f32; sequences.len() * c];
+    let mut out = vec![0f32; sequences.len() * c];
     let ctx = ForwardCtx::eval();
     for chunk in order.chunks(batch_size) {
         let batch = collate(chunk, sequences, pad_id);
         let (ids, mask) = batch_tensors(&batch, device)?;
         let logits = model.forward(&ids, &mask, &ctx)?.detach();
-        let p: Vec<Vec<f32>> = crate::ops::softmax_last(&logits)?.to_vec2()?;
-        for (row, &i) in p.iter().zip(chunk) {
-            probs[i * c..(i + 1) * c].copy_from_slice(row);
+        let rows: Vec<Vec<f32>> = match scores {
+            Scores::Probabilities => crate::ops::softmax_last(&logits)?.to_vec2()?,
+            Scores::Logits => logits.to_dtype(DType::F32)?.to_vec2()?,
+        };
+        for (row, &i) in rows.iter().zip(chunk) {
+            out[i * c..(i + 1) * c].copy_from_slice(row);
         }
         if let Some(pb) = progress {
             pb.inc(chunk.len() as u64);
         }
     }
-    Ok(probs)
+    Ok(out)
 }
 
 /// Metrics (with mean cross-entropy as `loss`) of `model` on labelled sequences.
@@ -86,7 +99,15 @@ pub fn evaluate(
     batch_size: usize,
     device: &Device,
 ) -> Result<(Metrics, Vec<f32>)> {
-    let probs = predict_probs(model, sequences, pad_id, batch_size, device, None)?;
+    let probs = predict(
+        model,
+        sequences,
+        pad_id,
+        batch_size,
+        device,
+        None,
+        Scores::Probabilities,
+    )?;
     let c = model.num_labels;
     let mut metrics = eval::compute_metrics(labels, &probs, c);
     let loss: f64 = labels
@@ -630,11 +651,7 @@ pub fn write_predictions(
                 .enumerate()
                 .fold(0, |best, (c, &p)| if p > row[best] { c } else { best });
             let label = r.label.map_or(String::new(), |l| l.to_string());
-            let id = if r.id.contains(',') {
-                format!("\"{}\"", r.id.replace('"', "\"\""))
-            } else {
-                r.id.clone()
-            };
+            let id = crate::fsutil::csv_field(&r.id);
             if with_labels {
                 write!(w, "{id},{},{label},{pred}", r.seq.len())?;
             } else {

@@ -1,0 +1,214 @@
+//! `explain`: in-silico mutagenesis against predictions of the mutants made by hand, and the
+//! files the command writes.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::Device;
+use dnatune::explain::{Explainer, BASES};
+use dnatune::model::params::Trainable;
+use dnatune::model::{self, LoadOptions};
+use dnatune::tokenize::load_tokenizer;
+use dnatune::train::{predict, Scores};
+use tempfile::TempDir;
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn dnatune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dnatune"))
+        .args(["--threads", "1"])
+        .args(args)
+        .output()
+        .expect("failed to start the dnatune binary")
+}
+
+/// Every effect the explainer reports equals the change in log-odds computed from `predict`'s
+/// probabilities of the mutant sequence written out by hand: positions and bases land in the
+/// right cells, the base already there has no effect, an N is replaced by all four bases, and
+/// importance is the mean drop.
+#[test]
+fn effects_equal_predictions_of_each_mutant_made_by_hand() {
+    let dir = repo("models/dnatune-dnabert2-small");
+    let device = Device::Cpu;
+    let opts = LoadOptions {
+        trainable: Trainable::Nothing,
+        ..LoadOptions::default()
+    };
+    let loaded = model::load_classifier(&dir, None, &opts, &device).unwrap();
+    let tokenizer = load_tokenizer(&dir).unwrap();
+    let explainer = Explainer {
+        model: &loaded.model,
+        tokenizer: tokenizer.as_ref(),
+        max_len: 128,
+        batch_size: 16,
+        device: &device,
+        motif_width: 6,
+    };
+    let seq = "TCCTCCCGGACGGCAAGGATGTGAGNCAGGCGAGCCGGACGCC";
+    let pad = tokenizer.special_tokens().pad;
+    let probs = |seqs: &[String]| {
+        let ids: Vec<Vec<u32>> = seqs
+            .iter()
+            .map(|s| tokenizer.encode(s, Some(128)))
+            .collect();
+        predict(
+            &loaded.model,
+            &ids,
+            pad,
+            16,
+            &device,
+            None,
+            Scores::Probabilities,
+        )
+        .unwrap()
+    };
+    let reference = probs(&[seq.to_string()]);
+    let predicted = if reference[1] > reference[0] { 1 } else { 0 };
+    for class in [0usize, 1] {
+        let e = explainer.explain(seq, Some(class)).unwrap();
+        assert_eq!(e.class, class);
+        assert_eq!(e.effects.len(), seq.len());
+        let log_odds = |p: &[f32]| ((p[class] as f64) / (1.0 - p[class] as f64)).ln();
+        assert!((e.log_odds as f64 - log_odds(&reference)).abs() < 1e-4);
+        let mut largest = 0f64;
+        for pos in [0, 1, 12, 25, seq.len() - 1] {
+            let here = seq.as_bytes()[pos];
+            let mutants: Vec<String> = BASES
+                .iter()
+                .map(|&b| {
+                    let mut m = seq.as_bytes().to_vec();
+                    m[pos] = b;
+                    String::from_utf8(m).unwrap()
+                })
+                .collect();
+            let p = probs(&mutants);
+            let mut drops = Vec::new();
+            for (slot, &b) in BASES.iter().enumerate() {
+                let got = e.effects[pos][slot] as f64;
+                if b == here {
+                    assert_eq!(got, 0.0, "the base already at {pos} has no effect");
+                    continue;
+                }
+                let want = log_odds(&p[2 * slot..2 * slot + 2]) - log_odds(&reference);
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "class {class}, position {pos}, base {}: {got} vs {want}",
+                    b as char
+                );
+                largest = largest.max(want.abs());
+                drops.push(-want);
+            }
+            // The N at 25 is replaced by all four bases.
+            assert_eq!(drops.len(), if here == b'N' { 4 } else { 3 });
+            let mean = drops.iter().sum::<f64>() / drops.len() as f64;
+            assert!((e.importance[pos] as f64 - mean).abs() < 1e-4);
+        }
+        // Effects too small to tell a misplaced cell from a right one would prove nothing.
+        assert!(largest > 1e-3, "largest effect {largest}");
+    }
+    let by_default = explainer.explain(seq, None).unwrap();
+    assert_eq!(by_default.class, predicted, "default: the predicted class");
+    assert!(explainer.explain(seq, Some(2)).is_err(), "two classes only");
+}
+
+fn column<'a>(header: &str, row: &'a [String], name: &str) -> &'a str {
+    let i = header.split(',').position(|c| c == name).unwrap();
+    &row[i]
+}
+
+/// Splits a CSV line, honouring one quoted field (the ids here).
+fn fields(line: &str) -> Vec<String> {
+    match line.strip_prefix('"') {
+        Some(rest) => {
+            let (quoted, tail) = rest.split_once("\",").unwrap();
+            let mut out = vec![quoted.replace("\"\"", "\"")];
+            out.extend(tail.split(',').map(str::to_string));
+            out
+        }
+        None => line.split(',').map(str::to_string).collect(),
+    }
+}
+
+#[test]
+fn explain_writes_a_row_per_base_and_the_strongest_window_per_sequence() {
+    let tmp = TempDir::new().unwrap();
+    let model = repo("models/dnatune-dnabert2-small");
+    let seqs = [
+        ("first", "ACGTTGCAAGGCTTACGATCGA"),
+        ("with, comma", "GGCATN"),
+    ];
+    let mut csv = String::from("id,sequence\n");
+    for (id, seq) in seqs {
+        let id = if id.contains(',') {
+            format!("\"{id}\"")
+        } else {
+            id.to_string()
+        };
+        csv.push_str(&format!("{id},{seq}\n"));
+    }
+    let input = tmp.path().join("in.csv");
+    fs::write(&input, csv).unwrap();
+    let out = tmp.path().join("explained");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["explain", "--model", model.to_str().unwrap()];
+        args.extend_from_slice(&["--input", input.to_str().unwrap()]);
+        args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        dnatune(&args)
+    };
+    let result = run(&["--motif-width", "8"]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+
+    let effects = fs::read_to_string(out.join("effects.csv")).unwrap();
+    let mut lines = effects.lines();
+    let header = lines.next().unwrap();
+    assert_eq!(
+        header,
+        "id,position,base,delta_A,delta_C,delta_G,delta_T,importance"
+    );
+    let rows: Vec<Vec<String>> = lines.map(fields).collect();
+    assert_eq!(rows.len(), seqs.iter().map(|(_, s)| s.len()).sum::<usize>());
+    let mut at = 0;
+    for (id, seq) in seqs {
+        for (pos, base) in seq.chars().enumerate() {
+            let row = &rows[at];
+            at += 1;
+            assert_eq!(column(header, row, "id"), id);
+            assert_eq!(column(header, row, "position"), (pos + 1).to_string());
+            assert_eq!(column(header, row, "base"), base.to_string());
+            if "ACGT".contains(base) {
+                let own = column(header, row, &format!("delta_{base}"));
+                assert_eq!(own.parse::<f64>().unwrap(), 0.0, "{row:?}");
+            }
+        }
+    }
+
+    let motifs = fs::read_to_string(out.join("motifs.csv")).unwrap();
+    let mut lines = motifs.lines();
+    let header = lines.next().unwrap();
+    let rows: Vec<Vec<String>> = lines.map(fields).collect();
+    assert_eq!(rows.len(), seqs.len());
+    for (row, (id, seq)) in rows.iter().zip(seqs) {
+        assert_eq!(column(header, row, "id"), id);
+        let start: usize = column(header, row, "motif_start").parse().unwrap();
+        let end: usize = column(header, row, "motif_end").parse().unwrap();
+        // The window is 8 bases, or the whole sequence when shorter.
+        assert_eq!(end + 1 - start, 8.min(seq.len()));
+        assert_eq!(column(header, row, "motif"), &seq[start - 1..end]);
+    }
+
+    let bad = run(&["--class", "7"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("class 7 does not exist") && err.contains("`first`"),
+        "{err}"
+    );
+}
