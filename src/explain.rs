@@ -1,21 +1,30 @@
-//! Which bases drive a call: in-silico mutagenesis (ISM).
+//! Which bases drive a call, by two methods.
 //!
-//! Every base of a sequence is replaced by each of the other three, the mutants are tokenized
-//! afresh (with BPE a substitution can change the tokens around it, as a real variant would) and
-//! scored, and the change in the class's log-odds is that substitution's effect. Exact for the
-//! model at hand and blind to its architecture, at the price of 3L + 1 forward passes for a
-//! sequence of L bases. A base's importance is the mean drop over its three substitutions, and
-//! the window of consecutive bases with the largest summed importance is the motif the call
-//! points to.
+//! In-silico mutagenesis (ISM): every base of a sequence is replaced by each of the other three,
+//! the mutants are tokenized afresh (with BPE a substitution can change the tokens around it, as
+//! a real variant would) and scored, and the change in the class's log-odds is that
+//! substitution's effect. Exact for the model at hand and blind to its architecture, at the price
+//! of 3L + 1 forward passes for a sequence of L bases. A base's importance is the mean drop over
+//! its substitutions.
+//!
+//! Gradient times input: one forward and backward pass per batch. A token's score is the
+//! gradient of the log-odds with respect to its embedding, dotted with the embedding (the
+//! first-order estimate of what removing the token would change); each base gets an equal share
+//! of the score of every token covering it. A fast first look; ISM is the measurement.
+//!
+//! Either way, the window of consecutive bases with the largest summed importance is the motif
+//! the call points to.
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
-use candle_core::Device;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
 
+use crate::batch::collate;
 use crate::data::Record;
 use crate::fsutil::csv_field;
 use crate::model::SequenceClassifier;
+use crate::ops::ForwardCtx;
 use crate::tokenize::Tokenizer;
 
 /// The bases substitutions are made to, in the order effects are reported.
@@ -29,10 +38,11 @@ pub struct Explanation {
     /// log(p / (1 - p)) of `class` for the sequence as it is.
     pub log_odds: f32,
     /// Per position, the change in log-odds when the base there becomes A, C, G or T (0 for
-    /// the base already there).
-    pub effects: Vec<[f32; 4]>,
-    /// Per position, the mean drop in log-odds over the substitutions made there: positive where
-    /// the base supports the call, negative where it works against it.
+    /// the base already there); mutagenesis only.
+    pub effects: Option<Vec<[f32; 4]>>,
+    /// Per position: positive where the base supports the call, negative where it works against
+    /// it. Mutagenesis: the mean drop in log-odds over the substitutions made there; gradient
+    /// times input: the base's share of its tokens' scores.
     pub importance: Vec<f32>,
     /// The window of consecutive bases with the largest summed importance.
     pub motif: Motif,
@@ -182,31 +192,133 @@ impl Explainer<'_> {
         Ok(Explanation {
             class,
             log_odds: reference,
-            effects,
+            effects: Some(effects),
             importance,
             motif,
         })
     }
+
+    /// Gradient-times-input explanations of `seqs` (one batch: one forward and one backward
+    /// pass), each for `class` or for its predicted class.
+    pub fn gradient_times_input(
+        &self,
+        seqs: &[&str],
+        class: Option<usize>,
+    ) -> Result<Vec<Explanation>> {
+        let classes = self.model.num_labels;
+        if let Some(c) = class.filter(|&c| c >= classes) {
+            bail!(
+                "class {c} does not exist: the model has {classes} classes (0..={})",
+                classes - 1
+            );
+        }
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Vec<u32>> = seqs
+            .iter()
+            .map(|s| self.tokenizer.encode(s, Some(self.max_len)))
+            .collect();
+        let order: Vec<usize> = (0..seqs.len()).collect();
+        let batch = collate(&order, &ids, self.tokenizer.special_tokens().pad);
+        let (ids_t, mask_t) = crate::train::batch_tensors(&batch, self.device)?;
+        let (b, t) = (batch.batch_size, batch.seq_len);
+        let table = self.model.word_embeddings();
+        let probe = Var::zeros((b, t, table.dim(1)?), table.dtype(), self.device)?;
+        let ctx = ForwardCtx::eval_with_embedding_probe(probe.as_tensor().clone());
+        let logits = self.model.forward(&ids_t, &mask_t, &ctx)?;
+        let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        let chosen: Vec<usize> = rows
+            .iter()
+            .map(|r| {
+                class.unwrap_or_else(|| {
+                    (0..classes).fold(0, |best, c| if r[c] > r[best] { c } else { best })
+                })
+            })
+            .collect();
+        // Sum over the batch of each row's log-odds: logit_c - logsumexp(other logits). Rows do
+        // not interact in evaluation, so each row's gradient is its own.
+        let mut pick = vec![0f32; b * classes];
+        for (row, &c) in chosen.iter().enumerate() {
+            pick[row * classes + c] = 1.0;
+        }
+        let pick = Tensor::from_vec(pick, (b, classes), self.device)?.to_dtype(logits.dtype())?;
+        let own = (&logits * &pick)?.sum(1)?;
+        let others = (&logits + (&pick * -1e9)?)?.log_sum_exp(D::Minus1)?;
+        let grads = (own - others)?.sum_all()?.backward()?;
+        let grad = grads
+            .get(probe.as_tensor())
+            .context("the word embeddings received no gradient")?;
+        let embedded =
+            table
+                .index_select(&ids_t.flatten_all()?, 0)?
+                .reshape((b, t, table.dim(1)?))?;
+        let token_scores: Vec<Vec<f32>> =
+            (grad * embedded)?.sum(2)?.to_dtype(DType::F32)?.to_vec2()?;
+        seqs.iter()
+            .enumerate()
+            .map(|(row, seq)| {
+                let importance = spread_over_bases(
+                    &token_scores[row],
+                    &self.tokenizer.token_spans(seq),
+                    ids[row].len(),
+                    seq.len(),
+                );
+                let motif = strongest_window(&importance, self.motif_width);
+                Ok(Explanation {
+                    class: chosen[row],
+                    log_odds: log_odds(&rows[row], chosen[row]),
+                    effects: None,
+                    importance,
+                    motif,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Per-base importance from per-token scores: each base gets an equal share of the score of
+/// every token covering it. `spans` are the tokens of the untruncated encoding (`None` for
+/// special tokens); the model saw `kept` ids: the first `kept - 1` of them and `[SEP]`, so
+/// tokens past that (cut by `--max-length`) contribute nothing.
+fn spread_over_bases(
+    scores: &[f32],
+    spans: &[Option<(usize, usize)>],
+    kept: usize,
+    len: usize,
+) -> Vec<f32> {
+    let mut importance = vec![0f64; len];
+    for (&score, span) in scores.iter().zip(spans).take(kept.saturating_sub(1)) {
+        if let Some((start, end)) = *span {
+            let share = score as f64 / (end - start) as f64;
+            importance[start..end].iter_mut().for_each(|v| *v += share);
+        }
+    }
+    importance.into_iter().map(|v| v as f32).collect()
 }
 
 /// Writes `explained` (records with their explanations, in input order) as two CSV files in
-/// `dir`: `effects.csv`, a row per base (1-based position, the base, the change in log-odds for
-/// each substitution, its importance), and `motifs.csv`, a row per sequence (the class, its
+/// `dir`: `effects.csv`, a row per base (1-based position, the base, with mutagenesis the change
+/// in log-odds for each substitution, its importance), and `motifs.csv`, a row per sequence (the class, its
 /// log-odds, the strongest window as 1-based inclusive positions and its bases). Both atomic.
 pub fn write_explanations(dir: &Path, explained: &[(&Record, Explanation)]) -> Result<()> {
     use std::io::Write;
+    let with_effects = explained.iter().all(|(_, e)| e.effects.is_some());
     crate::fsutil::write_atomic_with(&dir.join("effects.csv"), |w| {
-        writeln!(
-            w,
-            "id,position,base,delta_A,delta_C,delta_G,delta_T,importance"
-        )?;
+        let deltas = if with_effects {
+            ",delta_A,delta_C,delta_G,delta_T"
+        } else {
+            ""
+        };
+        writeln!(w, "id,position,base{deltas},importance")?;
         for (record, e) in explained {
             let id = csv_field(&record.id);
-            for (pos, (base, fx)) in record.seq.chars().zip(&e.effects).enumerate() {
-                let imp = e.importance[pos];
+            for (pos, (base, imp)) in record.seq.chars().zip(&e.importance).enumerate() {
                 write!(w, "{id},{},{base}", pos + 1)?;
-                for d in fx {
-                    write!(w, ",{d:.5}")?;
+                if let Some(effects) = e.effects.as_ref().filter(|_| with_effects) {
+                    for d in effects[pos] {
+                        write!(w, ",{d:.5}")?;
+                    }
                 }
                 writeln!(w, ",{imp:.5}")?;
             }

@@ -19,6 +19,8 @@ use rand::{Rng, SeedableRng};
 pub struct ForwardCtx {
     train: bool,
     state: Cell<u64>,
+    /// Added to the word embeddings (see [`Self::eval_with_embedding_probe`]).
+    embedding_probe: Option<Tensor>,
 }
 
 impl ForwardCtx {
@@ -27,6 +29,26 @@ impl ForwardCtx {
         ForwardCtx {
             train: false,
             state: Cell::new(0),
+            embedding_probe: None,
+        }
+    }
+
+    /// Evaluation with `probe` (batch, seq, hidden) added to the word embeddings. With `probe`
+    /// zero the outputs are unchanged, and the gradient of an output with respect to `probe` is
+    /// its gradient with respect to each token's embedding: what gradient-times-input
+    /// attribution reads.
+    pub fn eval_with_embedding_probe(probe: Tensor) -> Self {
+        ForwardCtx {
+            embedding_probe: Some(probe),
+            ..Self::eval()
+        }
+    }
+
+    /// The word embeddings (batch, seq, hidden) of a forward pass, plus the probe if there is one.
+    pub fn probe_word_embeddings(&self, embeddings: Tensor) -> Result<Tensor> {
+        match &self.embedding_probe {
+            Some(probe) => embeddings + probe,
+            None => Ok(embeddings),
         }
     }
 
@@ -35,6 +57,7 @@ impl ForwardCtx {
         ForwardCtx {
             train: true,
             state: Cell::new(seed),
+            embedding_probe: None,
         }
     }
 

@@ -5,10 +5,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use dnatune::explain::{Explainer, BASES};
+use dnatune::model::config::{Architecture, ModelConfig};
+use dnatune::model::params::ParamBuilder;
 use dnatune::model::params::Trainable;
-use dnatune::model::{self, LoadOptions};
+use dnatune::model::{self, LoadOptions, Pooling, SequenceClassifier};
+use dnatune::ops::ForwardCtx;
 use dnatune::tokenize::load_tokenizer;
 use dnatune::train::{predict, Scores};
 use tempfile::TempDir;
@@ -70,7 +73,7 @@ fn effects_equal_predictions_of_each_mutant_made_by_hand() {
     for class in [0usize, 1] {
         let e = explainer.explain(seq, Some(class)).unwrap();
         assert_eq!(e.class, class);
-        assert_eq!(e.effects.len(), seq.len());
+        assert_eq!(e.effects.as_ref().unwrap().len(), seq.len());
         let log_odds = |p: &[f32]| ((p[class] as f64) / (1.0 - p[class] as f64)).ln();
         assert!((e.log_odds as f64 - log_odds(&reference)).abs() < 1e-4);
         let mut largest = 0f64;
@@ -87,7 +90,7 @@ fn effects_equal_predictions_of_each_mutant_made_by_hand() {
             let p = probs(&mutants);
             let mut drops = Vec::new();
             for (slot, &b) in BASES.iter().enumerate() {
-                let got = e.effects[pos][slot] as f64;
+                let got = e.effects.as_ref().unwrap()[pos][slot] as f64;
                 if b == here {
                     assert_eq!(got, 0.0, "the base already at {pos} has no effect");
                     continue;
@@ -112,6 +115,80 @@ fn effects_equal_predictions_of_each_mutant_made_by_hand() {
     let by_default = explainer.explain(seq, None).unwrap();
     assert_eq!(by_default.class, predicted, "default: the predicted class");
     assert!(explainer.explain(seq, Some(2)).is_err(), "two classes only");
+}
+
+/// Gradient times input against finite differences: scaling one token's embedding by 1 + eps
+/// changes the log-odds by eps times that token's score, to first order, and a token's score is
+/// the importance summed over its bases (BPE tokens do not overlap). The sequences are explained
+/// in one padded batch and differenced one at a time, unpadded, so padding must not leak.
+#[test]
+fn gradient_times_input_equals_a_finite_difference_per_token() {
+    // An f64 model, so that differences of log-odds are exact enough to divide by eps; weights
+    // drawn wide enough that tokens matter.
+    let device = Device::Cpu;
+    let tokenizer = load_tokenizer(&repo("models/dnatune-dnabert2-small")).unwrap();
+    let mut cfg =
+        ModelConfig::new(Architecture::Dnabert2, tokenizer.vocab_size(), 2, 16, 2, 32).unwrap();
+    cfg.initializer_range = 0.3;
+    let mut b = ParamBuilder::fresh(5, &device).with_dtype(DType::F64);
+    let model = SequenceClassifier::build(&mut b, &cfg, 2, Pooling::Cls).unwrap();
+    b.finish().unwrap();
+    let explainer = Explainer {
+        model: &model,
+        tokenizer: tokenizer.as_ref(),
+        max_len: 128,
+        batch_size: 16,
+        device: &device,
+        motif_width: 6,
+    };
+    let seqs = [
+        "TCCTCCCGGACGGCAAGGATGTGAGGCAGGCGAGCCGGACGCCGCTCGCAGCACC",
+        "GGCATTACGATTTACGGAC",
+    ];
+    let class = 1;
+    let explained = explainer.gradient_times_input(&seqs, Some(class)).unwrap();
+    let table = model.word_embeddings();
+    let mut largest = 0f64;
+    for (seq, e) in seqs.iter().zip(&explained) {
+        assert_eq!(e.importance.len(), seq.len());
+        assert!(e.effects.is_none());
+        let ids = tokenizer.encode(seq, Some(128));
+        let n = ids.len();
+        let ids_t = Tensor::new(ids.as_slice(), &device).unwrap();
+        let embedded = table.index_select(&ids_t, 0).unwrap();
+        let mask = Tensor::ones((1, n), DType::U32, &device).unwrap();
+        let log_odds_with = |token: usize, eps: f64| {
+            let rows: Vec<Tensor> = (0..n)
+                .map(|j| {
+                    let row = embedded.get(j).unwrap();
+                    let scale = if j == token { eps } else { 0.0 };
+                    (row * scale).unwrap()
+                })
+                .collect();
+            let probe = Tensor::stack(&rows, 0).unwrap().unsqueeze(0).unwrap();
+            let ctx = ForwardCtx::eval_with_embedding_probe(probe);
+            let logits = model
+                .forward(&ids_t.unsqueeze(0).unwrap(), &mask, &ctx)
+                .unwrap();
+            let row: Vec<f64> = logits.get(0).unwrap().to_vec1().unwrap();
+            // log(p / (1 - p)) of two classes, in f64.
+            row[class] - row[1 - class]
+        };
+        assert!((log_odds_with(0, 0.0) - e.log_odds as f64).abs() < 1e-4);
+        let spans = tokenizer.token_spans(seq);
+        let eps = 1e-4;
+        for (token, span) in spans.iter().enumerate() {
+            let Some((start, end)) = *span else { continue };
+            let fd = (log_odds_with(token, eps) - log_odds_with(token, -eps)) / (2.0 * eps);
+            let score: f64 = e.importance[start..end].iter().map(|&v| v as f64).sum();
+            assert!(
+                (fd - score).abs() < 1e-6 + 1e-4 * fd.abs(),
+                "token {token} ({start}..{end}): finite difference {fd} vs {score}"
+            );
+            largest = largest.max(fd.abs());
+        }
+    }
+    assert!(largest > 1e-3, "largest token score {largest}");
 }
 
 fn column<'a>(header: &str, row: &'a [String], name: &str) -> &'a str {
@@ -159,14 +236,14 @@ fn explain_writes_a_row_per_base_and_the_strongest_window_per_sequence() {
         args.extend_from_slice(extra);
         dnatune(&args)
     };
-    let result = run(&["--motif-width", "8"]);
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-
-    let effects = fs::read_to_string(out.join("effects.csv")).unwrap();
+    // Runs successfully and returns effects.csv.
+    let effects_of = |extra: &[&str]| {
+        let result = run(extra);
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert!(result.status.success(), "{err}");
+        fs::read_to_string(out.join("effects.csv")).unwrap()
+    };
+    let effects = effects_of(&["--motif-width", "8"]);
     let mut lines = effects.lines();
     let header = lines.next().unwrap();
     assert_eq!(
@@ -203,6 +280,13 @@ fn explain_writes_a_row_per_base_and_the_strongest_window_per_sequence() {
         assert_eq!(end + 1 - start, 8.min(seq.len()));
         assert_eq!(column(header, row, "motif"), &seq[start - 1..end]);
     }
+
+    // Gradient times input: one importance column, a row per base all the same.
+    let effects = effects_of(&["--method", "gradient"]);
+    let mut lines = effects.lines();
+    assert_eq!(lines.next().unwrap(), "id,position,base,importance");
+    let total: usize = seqs.iter().map(|(_, s)| s.len()).sum();
+    assert_eq!(lines.count(), total);
 
     let bad = run(&["--class", "7"]);
     assert_eq!(bad.status.code(), Some(1));

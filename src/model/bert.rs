@@ -100,9 +100,8 @@ impl BertEncoder {
         let dev = ids.device();
         let positions = Tensor::arange(0u32, t as u32, dev)?.reshape((1, t))?;
         let types = Tensor::zeros((b, t), candle_core::DType::U32, dev)?;
-        let x = self
-            .word
-            .forward(ids)?
+        let x = ctx
+            .probe_word_embeddings(self.word.forward(ids)?)?
             .broadcast_add(&self.position.forward(&positions)?)?
             .broadcast_add(&self.token_type.forward(&types)?)?;
         // The layers work on (batch * seq, hidden): no reshape nodes around every product.

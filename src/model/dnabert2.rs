@@ -110,9 +110,8 @@ impl Dnabert2Encoder {
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let types = Tensor::zeros((b, t), candle_core::DType::U32, ids.device())?;
-        let x = self
-            .word
-            .forward(ids)?
+        let x = ctx
+            .probe_word_embeddings(self.word.forward(ids)?)?
             .broadcast_add(&self.token_type.forward(&types)?)?;
         // The layers work on (batch * seq, hidden): no reshape nodes around every product.
         let x = x.reshape((b * t, self.hidden))?;

@@ -107,6 +107,11 @@ impl SequenceClassifier {
         })
     }
 
+    /// The token embedding table (vocab, hidden).
+    pub fn word_embeddings(&self) -> &Tensor {
+        self.encoder.word_embeddings()
+    }
+
     /// Logits (batch, classes) for `ids` and `mask` (both (batch, seq), u32).
     pub fn forward(
         &self,
