@@ -84,6 +84,11 @@ pub fn log_odds(logits: &[f32], class: usize) -> f32 {
     (logits[class] as f64 - (max + sum.ln())) as f32
 }
 
+/// The class with the largest logit (the first of equal ones).
+fn predicted(logits: &[f32]) -> usize {
+    (0..logits.len()).fold(0, |best, c| if logits[c] > logits[best] { c } else { best })
+}
+
 /// The `width`-base window with the largest summed importance (the first of equal ones); the
 /// whole sequence when it is shorter than `width`.
 pub fn strongest_window(importance: &[f32], width: usize) -> Motif {
@@ -114,7 +119,7 @@ pub fn strongest_window(importance: &[f32], width: usize) -> Motif {
     best
 }
 
-/// Runs mutagenesis with one model and tokenizer.
+/// Explains calls of one model with its tokenizer.
 pub struct Explainer<'a> {
     pub model: &'a SequenceClassifier,
     pub tokenizer: &'a dyn Tokenizer,
@@ -126,16 +131,23 @@ pub struct Explainer<'a> {
 }
 
 impl Explainer<'_> {
-    /// Explains the call on `seq` for `class`, or for the class the model predicts for `seq`.
-    pub fn explain(&self, seq: &str, class: Option<usize>) -> Result<Explanation> {
-        use rayon::prelude::*;
+    /// Fails unless `class` (when given) is one of the model's classes.
+    fn check_class(&self, class: Option<usize>) -> Result<()> {
         let classes = self.model.num_labels;
-        if let Some(c) = class.filter(|&c| c >= classes) {
-            bail!(
+        match class.filter(|&c| c >= classes) {
+            Some(c) => bail!(
                 "class {c} does not exist: the model has {classes} classes (0..={})",
                 classes - 1
-            );
+            ),
+            None => Ok(()),
         }
+    }
+
+    /// Mutagenesis of `seq` for `class`, or for the class the model predicts for `seq`.
+    pub fn mutagenesis(&self, seq: &str, class: Option<usize>) -> Result<Explanation> {
+        use rayon::prelude::*;
+        self.check_class(class)?;
+        let classes = self.model.num_labels;
         let bases = seq.as_bytes();
         let subs = substitutions(bases);
         // Row 0 is the sequence itself, row 1 + k its k-th substitution.
@@ -161,16 +173,7 @@ impl Explainer<'_> {
             crate::train::Scores::Logits,
         )?;
         let row = |r: usize| &logits[r * classes..(r + 1) * classes];
-        let class = class.unwrap_or_else(|| {
-            let reference = row(0);
-            (0..classes).fold(0, |best, c| {
-                if reference[c] > reference[best] {
-                    c
-                } else {
-                    best
-                }
-            })
-        });
+        let class = class.unwrap_or_else(|| predicted(row(0)));
         let reference = log_odds(row(0), class);
         let mut effects = vec![[0f32; 4]; bases.len()];
         let mut drops = vec![(0f64, 0usize); bases.len()];
@@ -205,13 +208,8 @@ impl Explainer<'_> {
         seqs: &[&str],
         class: Option<usize>,
     ) -> Result<Vec<Explanation>> {
+        self.check_class(class)?;
         let classes = self.model.num_labels;
-        if let Some(c) = class.filter(|&c| c >= classes) {
-            bail!(
-                "class {c} does not exist: the model has {classes} classes (0..={})",
-                classes - 1
-            );
-        }
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
@@ -230,11 +228,7 @@ impl Explainer<'_> {
         let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
         let chosen: Vec<usize> = rows
             .iter()
-            .map(|r| {
-                class.unwrap_or_else(|| {
-                    (0..classes).fold(0, |best, c| if r[c] > r[best] { c } else { best })
-                })
-            })
+            .map(|r| class.unwrap_or_else(|| predicted(r)))
             .collect();
         // Sum over the batch of each row's log-odds: logit_c - logsumexp(other logits). Rows do
         // not interact in evaluation, so each row's gradient is its own.

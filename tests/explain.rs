@@ -71,7 +71,7 @@ fn effects_equal_predictions_of_each_mutant_made_by_hand() {
     let reference = probs(&[seq.to_string()]);
     let predicted = if reference[1] > reference[0] { 1 } else { 0 };
     for class in [0usize, 1] {
-        let e = explainer.explain(seq, Some(class)).unwrap();
+        let e = explainer.mutagenesis(seq, Some(class)).unwrap();
         assert_eq!(e.class, class);
         assert_eq!(e.effects.as_ref().unwrap().len(), seq.len());
         let log_odds = |p: &[f32]| ((p[class] as f64) / (1.0 - p[class] as f64)).ln();
@@ -112,9 +112,12 @@ fn effects_equal_predictions_of_each_mutant_made_by_hand() {
         // Effects too small to tell a misplaced cell from a right one would prove nothing.
         assert!(largest > 1e-3, "largest effect {largest}");
     }
-    let by_default = explainer.explain(seq, None).unwrap();
+    let by_default = explainer.mutagenesis(seq, None).unwrap();
     assert_eq!(by_default.class, predicted, "default: the predicted class");
-    assert!(explainer.explain(seq, Some(2)).is_err(), "two classes only");
+    assert!(
+        explainer.mutagenesis(seq, Some(2)).is_err(),
+        "two classes only"
+    );
 }
 
 /// Gradient times input against finite differences: scaling one token's embedding by 1 + eps

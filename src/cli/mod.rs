@@ -862,7 +862,7 @@ fn explain_cmd(a: ExplainArgs, device: Option<&str>) -> Result<()> {
         ExplainMethod::Mutagenesis => {
             for record in &ds.records {
                 let e = explainer
-                    .explain(&record.seq, a.class)
+                    .mutagenesis(&record.seq, a.class)
                     .with_context(|| format!("explaining `{}`", record.id))?;
                 explained.push((record, e));
                 bar.inc(1);
