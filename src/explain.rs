@@ -119,6 +119,97 @@ pub fn strongest_window(importance: &[f32], width: usize) -> Motif {
     best
 }
 
+/// A k-mer over-represented in the motif windows, its two strands counted as one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnrichedKmer {
+    /// The alphabetically first of the k-mer and its reverse complement.
+    pub kmer: String,
+    /// Windows that contain it.
+    pub windows: usize,
+    /// Its occurrences in the windows and in the whole sequences.
+    pub in_windows: usize,
+    pub in_sequences: usize,
+    /// Its share of the windows' k-mers over its share of the sequences' k-mers.
+    pub enrichment: f64,
+}
+
+/// The k-mers the strongest windows share: every k-mer of ACGT (those with an N skipped), a k-mer
+/// and its reverse complement counted as one (binding sites sit on either strand), with its
+/// enrichment in the windows over the sequences they were cut from; those found in at least
+/// `min_windows` windows, most enriched first.
+pub fn enriched_kmers(
+    windows: &[&str],
+    sequences: &[&str],
+    k: usize,
+    min_windows: usize,
+) -> Vec<EnrichedKmer> {
+    use std::collections::{HashMap, HashSet};
+    /// Canonical k-mers of `seq`.
+    fn kmers(seq: &str, k: usize) -> impl Iterator<Item = String> + '_ {
+        let upper = seq.to_ascii_uppercase();
+        let n = upper.len();
+        (0..(n + 1).saturating_sub(k)).filter_map(move |i| {
+            let kmer = &upper[i..i + k];
+            if !kmer.bytes().all(|b| BASES.contains(&b)) {
+                return None;
+            }
+            let rc = crate::data::reverse_complement(kmer);
+            Some(if rc.as_str() < kmer {
+                rc
+            } else {
+                kmer.to_string()
+            })
+        })
+    }
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut background: HashMap<String, usize> = HashMap::new();
+    let mut total_background = 0usize;
+    for seq in sequences {
+        for kmer in kmers(seq, k) {
+            *background.entry(kmer).or_default() += 1;
+            total_background += 1;
+        }
+    }
+    let mut counts: HashMap<String, (usize, usize)> = HashMap::new();
+    let mut total_windows = 0usize;
+    for window in windows {
+        let mut seen = HashSet::new();
+        for kmer in kmers(window, k) {
+            let entry = counts.entry(kmer.clone()).or_default();
+            entry.1 += 1;
+            if seen.insert(kmer) {
+                entry.0 += 1;
+            }
+            total_windows += 1;
+        }
+    }
+    let mut out: Vec<EnrichedKmer> = counts
+        .into_iter()
+        .filter(|(_, (in_win, _))| *in_win >= min_windows.max(1))
+        .map(|(kmer, (windows, in_windows))| {
+            let in_sequences = background.get(&kmer).copied().unwrap_or(0).max(in_windows);
+            let enrichment = (in_windows as f64 / total_windows as f64)
+                / (in_sequences as f64 / total_background.max(1) as f64);
+            EnrichedKmer {
+                kmer,
+                windows,
+                in_windows,
+                in_sequences,
+                enrichment,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.enrichment
+            .total_cmp(&a.enrichment)
+            .then(b.windows.cmp(&a.windows))
+            .then(a.kmer.cmp(&b.kmer))
+    });
+    out
+}
+
 /// Explains calls of one model with its tokenizer.
 pub struct Explainer<'a> {
     pub model: &'a SequenceClassifier,
@@ -346,6 +437,22 @@ pub fn write_explanations(dir: &Path, explained: &[(&Record, Explanation)]) -> R
     })
 }
 
+/// Writes `kmers` as `dir/kmers.csv` (atomic), in their order.
+pub fn write_kmers(dir: &Path, kmers: &[EnrichedKmer]) -> Result<()> {
+    use std::io::Write;
+    crate::fsutil::write_atomic_with(&dir.join("kmers.csv"), |w| {
+        writeln!(w, "kmer,windows,in_windows,in_sequences,enrichment")?;
+        for k in kmers {
+            writeln!(
+                w,
+                "{},{},{},{},{:.4}",
+                k.kmer, k.windows, k.in_windows, k.in_sequences, k.enrichment
+            )?;
+        }
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,6 +487,31 @@ mod tests {
         // Far beyond where 1 - p rounds to zero in f32 the log-odds stay finite and exact.
         assert!((log_odds(&[60.0, 0.0], 0) - 60.0).abs() < 1e-4);
         assert!((log_odds(&[60.0, 0.0], 1) + 60.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn enriched_kmers_count_both_strands_as_one_and_skip_n() {
+        // 3-mers of AACGT: AAC (= GTT), ACG, CGT (= ACG): AAC 1, ACG 2 of 3. The window ACGT
+        // holds ACG twice (once as CGT): 2 of 2, so ACG is enriched (2/2) / (2/3) = 1.5.
+        let got = enriched_kmers(&["ACGT"], &["AACGT", "ACNGT"], 3, 1);
+        assert_eq!(
+            got,
+            vec![EnrichedKmer {
+                kmer: "ACG".into(),
+                windows: 1,
+                in_windows: 2,
+                in_sequences: 2,
+                enrichment: 1.5,
+            }]
+        );
+        // A k-mer must be in `min_windows` windows; the most enriched comes first.
+        let windows = ["GGGATT", "CCGATT", "AATCTT"];
+        let seqs = ["GGGATTCCCCCC", "CCGATTCCCCCC", "AATCTTCCCCCC"];
+        let got = enriched_kmers(&windows, &seqs, 4, 3);
+        assert_eq!(got.len(), 1, "{got:?}");
+        // GATT in every window (AATC is its reverse complement).
+        assert_eq!((got[0].kmer.as_str(), got[0].windows), ("AATC", 3));
+        assert!(enriched_kmers(&windows, &seqs, 4, 4).is_empty());
     }
 
     #[test]

@@ -284,6 +284,9 @@ fn explain_writes_a_row_per_base_and_the_strongest_window_per_sequence() {
         assert_eq!(column(header, row, "motif"), &seq[start - 1..end]);
     }
 
+    let kmers = fs::read_to_string(out.join("kmers.csv")).unwrap();
+    assert!(kmers.starts_with("kmer,windows,in_windows,in_sequences,enrichment\n"));
+
     // Gradient times input: one importance column, a row per base all the same.
     let effects = effects_of(&["--method", "gradient"]);
     let mut lines = effects.lines();

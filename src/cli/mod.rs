@@ -54,7 +54,8 @@ enum Command {
     /// Every base is replaced by each of the other three and the mutant scored, 3 x length
     /// forward passes per sequence. `--out` is a directory: effects.csv (a row per base: the
     /// change in the class's log-odds per substitution and their mean drop, the importance) and
-    /// motifs.csv (a row per sequence: its strongest `--motif-width` window).
+    /// motifs.csv (a row per sequence: its strongest `--motif-width` window) and kmers.csv (the
+    /// k-mers, k up to 6, both strands as one, that those windows share, most enriched first).
     Explain(ExplainArgs),
     /// Measure training throughput.
     Bench(BenchArgs),
@@ -881,13 +882,34 @@ fn explain_cmd(a: ExplainArgs, device: Option<&str>) -> Result<()> {
     }
     bar.finish_and_clear();
     crate::explain::write_explanations(out, &explained)?;
+    // What the windows share: k-mers (k up to 6) in at least 2 % of them (and at least 3).
+    let windows: Vec<&str> = explained
+        .iter()
+        .map(|(r, e)| &r.seq[e.motif.start..e.motif.start + e.motif.width])
+        .collect();
+    let sequences: Vec<&str> = explained.iter().map(|(r, _)| r.seq.as_str()).collect();
+    let k = a.motif_width.min(6);
+    let min_windows = explained.len().div_ceil(50).max(3);
+    let kmers = crate::explain::enriched_kmers(&windows, &sequences, k, min_windows);
+    crate::explain::write_kmers(out, &kmers)?;
     println!(
-        "explained {} sequences: per-base effects in {}, strongest {}-bp windows in {}",
+        "explained {} sequences: per-base effects in {}, strongest {}-bp windows in {}, \
+         their enriched {k}-mers in {}",
         explained.len(),
         out.join("effects.csv").display(),
         a.motif_width,
-        out.join("motifs.csv").display()
+        out.join("motifs.csv").display(),
+        out.join("kmers.csv").display()
     );
+    if kmers.is_empty() {
+        println!("  no {k}-mer is in {min_windows} or more of the windows");
+    }
+    for km in kmers.iter().take(5) {
+        println!(
+            "  {} (or its reverse complement): in {} windows, {:.1}x enriched",
+            km.kmer, km.windows, km.enrichment
+        );
+    }
     Ok(())
 }
 
