@@ -90,9 +90,9 @@ fn predicted(logits: &[f32]) -> usize {
 }
 
 /// The `width`-base window with the largest summed importance (the first of equal ones); the
-/// whole sequence when it is shorter than `width`.
+/// whole sequence when it is shorter than `width` (an empty window for an empty sequence).
 pub fn strongest_window(importance: &[f32], width: usize) -> Motif {
-    let width = width.clamp(1, importance.len().max(1));
+    let width = width.max(1).min(importance.len());
     let mut best = Motif {
         start: 0,
         width,
@@ -535,5 +535,7 @@ mod tests {
             );
             assert!((got.score as f64 - sums[best]).abs() < 1e-5);
         }
+        let empty = strongest_window(&[], 4);
+        assert_eq!((empty.start, empty.width, empty.score), (0, 0, 0.0));
     }
 }
