@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::batch::collate;
 use crate::data::Record;
+use crate::eval::argmax;
 use crate::fsutil::csv_field;
 use crate::model::SequenceClassifier;
 use crate::ops::ForwardCtx;
@@ -82,11 +83,6 @@ pub fn log_odds(logits: &[f32], class: usize) -> f32 {
     let max = others.clone().fold(f64::NEG_INFINITY, f64::max);
     let sum: f64 = others.map(|l| (l - max).exp()).sum();
     (logits[class] as f64 - (max + sum.ln())) as f32
-}
-
-/// The class with the largest logit (the first of equal ones).
-fn predicted(logits: &[f32]) -> usize {
-    (0..logits.len()).fold(0, |best, c| if logits[c] > logits[best] { c } else { best })
 }
 
 /// The `width`-base window with the largest summed importance (the first of equal ones); the
@@ -264,7 +260,7 @@ impl Explainer<'_> {
             crate::train::Scores::Logits,
         )?;
         let row = |r: usize| &logits[r * classes..(r + 1) * classes];
-        let class = class.unwrap_or_else(|| predicted(row(0)));
+        let class = class.unwrap_or_else(|| argmax(row(0)));
         let reference = log_odds(row(0), class);
         let mut effects = vec![[0f32; 4]; bases.len()];
         let mut drops = vec![(0f64, 0usize); bases.len()];
@@ -319,7 +315,7 @@ impl Explainer<'_> {
         let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
         let chosen: Vec<usize> = rows
             .iter()
-            .map(|r| class.unwrap_or_else(|| predicted(r)))
+            .map(|r| class.unwrap_or_else(|| argmax(r)))
             .collect();
         // Sum over the batch of each row's log-odds: logit_c - logsumexp(other logits). Rows do
         // not interact in evaluation, so each row's gradient is its own.

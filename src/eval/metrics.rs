@@ -146,7 +146,7 @@ pub fn try_compute_metrics(labels: &[usize], probs: &[f32], num_classes: usize) 
 }
 
 /// Index of the largest entry, the first one on ties; NaN entries never win.
-fn argmax(row: &[f32]) -> usize {
+pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
     let mut best_value = f32::NEG_INFINITY;
     for (i, &v) in row.iter().enumerate() {

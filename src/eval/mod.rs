@@ -11,7 +11,7 @@ pub mod svg;
 
 pub use log::{parse_log, read_log, LogEntry};
 pub use metrics::{
-    auroc, average_precision, compute_metrics, confusion_matrix, mcc, pr_curve, roc_curve,
+    argmax, auroc, average_precision, compute_metrics, confusion_matrix, mcc, pr_curve, roc_curve,
     try_compute_metrics, Metrics,
 };
 pub use report::{escape_html, render_report, write_report, ReportInput, TestResult};

@@ -646,10 +646,7 @@ pub fn write_predictions(
         writeln!(w, "{header}")?;
         for (i, r) in records.iter().enumerate() {
             let row = &probs[i * num_labels..(i + 1) * num_labels];
-            let pred = row
-                .iter()
-                .enumerate()
-                .fold(0, |best, (c, &p)| if p > row[best] { c } else { best });
+            let pred = eval::argmax(row);
             let label = r.label.map_or(String::new(), |l| l.to_string());
             let id = crate::fsutil::csv_field(&r.id);
             if with_labels {
