@@ -58,6 +58,14 @@ pub struct Motif {
     pub score: f32,
 }
 
+impl Motif {
+    /// The window's bases in `seq`, the sequence it was found in (empty if it is not from `seq`).
+    pub fn bases<'s>(&self, seq: &'s str) -> &'s str {
+        seq.get(self.start..self.start + self.width)
+            .unwrap_or_default()
+    }
+}
+
 /// Every single-base substitution of `seq` as (position, new base), position by position, each
 /// position's in ACGT order. A base outside ACGT (an N) is replaced by all four.
 pub fn substitutions(seq: &[u8]) -> Vec<(usize, u8)> {
@@ -380,8 +388,9 @@ fn spread_over_bases(
 
 /// Writes `explained` (records with their explanations, in input order) as two CSV files in
 /// `dir`: `effects.csv`, a row per base (1-based position, the base, with mutagenesis the change
-/// in log-odds for each substitution, its importance), and `motifs.csv`, a row per sequence (the class, its
-/// log-odds, the strongest window as 1-based inclusive positions and its bases). Both atomic.
+/// in log-odds for each substitution, its importance), and `motifs.csv`, a row per sequence (the
+/// class, its log-odds, the strongest window as 1-based inclusive positions and its bases). Both
+/// atomic.
 pub fn write_explanations(dir: &Path, explained: &[(&Record, Explanation)]) -> Result<()> {
     use std::io::Write;
     let with_effects = explained.iter().all(|(_, e)| e.effects.is_some());
@@ -413,10 +422,7 @@ pub fn write_explanations(dir: &Path, explained: &[(&Record, Explanation)]) -> R
         )?;
         for (record, e) in explained {
             let m = e.motif;
-            let bases = record
-                .seq
-                .get(m.start..m.start + m.width)
-                .unwrap_or_default();
+            let bases = m.bases(&record.seq);
             writeln!(
                 w,
                 "{},{},{},{:.5},{},{},{bases},{:.5}",

@@ -885,7 +885,7 @@ fn explain_cmd(a: ExplainArgs, device: Option<&str>) -> Result<()> {
     // What the windows share: k-mers (k up to 6) in at least 2 % of them (and at least 3).
     let windows: Vec<&str> = explained
         .iter()
-        .map(|(r, e)| &r.seq[e.motif.start..e.motif.start + e.motif.width])
+        .map(|(r, e)| e.motif.bases(&r.seq))
         .collect();
     let sequences: Vec<&str> = explained.iter().map(|(r, _)| r.seq.as_str()).collect();
     let k = a.motif_width.min(6);
