@@ -417,6 +417,65 @@ fn init_model_bert_kmer_writes_vocab_and_bert_config() {
 }
 
 #[test]
+fn init_model_nt_writes_an_esm_config_whose_token_ids_match_its_vocabulary() {
+    let tmp = TempDir::new().unwrap();
+    let out = tmp.path().join("nt");
+    assert_ok(&dnatune(&[
+        "init-model",
+        "--arch",
+        "nt",
+        "--kmer",
+        "4",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--intermediate",
+        "48",
+        "--out",
+        s(&out),
+    ]));
+    let vocab = fs::read_to_string(out.join("vocab.txt")).unwrap();
+    let tokens: Vec<&str> = vocab.lines().collect();
+    // Five specials, the 256 4-mers, then A C G T N for tails: non-overlapping k-mers.
+    assert_eq!(tokens.len(), 5 + 256 + 5);
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "esm");
+    assert_eq!(config["position_embedding_type"], "rotary");
+    assert_eq!(config["add_bias_fnn"], false);
+    let id = |field: &str| config[field].as_u64().unwrap() as usize;
+    assert_eq!(tokens[id("pad_token_id")], "[PAD]");
+    assert_eq!(tokens[id("mask_token_id")], "[MASK]");
+    let weights =
+        candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    // SwiGLU: one bias-free projection to twice the intermediate width.
+    let gate = &weights["esm.encoder.layer.0.intermediate.dense.weight"];
+    assert_eq!(gate.dims(), &[96, 32]);
+    assert!(!weights.contains_key("esm.encoder.layer.0.intermediate.dense.bias"));
+    // A Nucleotide Transformer cannot be pre-trained here; the error says so before any step.
+    let run = tmp.path().join("pre");
+    let corpus = repo_file("tests/fixtures/pretrain-slice.fa.gz");
+    assert_fails_with(
+        &dnatune(&[
+            "pretrain",
+            "--model",
+            s(&out),
+            "--corpus",
+            s(&corpus),
+            "--out",
+            s(&run),
+            "--max-steps",
+            "2",
+        ]),
+        &["pre-training ESM", "dnatune train"],
+    );
+}
+
+#[test]
 fn init_model_dnabert2_writes_alibi_config_without_model_type() {
     let tmp = TempDir::new().unwrap();
     let model = tiny_model(tmp.path());

@@ -1,5 +1,6 @@
 //! The encoders against independent references (a PyTorch DNABERT-2 module and Hugging Face's own
-//! BertForSequenceClassification, via committed fixtures), finite-difference gradient checks in
+//! BertForSequenceClassification and EsmForSequenceClassification, via committed fixtures),
+//! finite-difference gradient checks in
 //! f64, LoRA invariants, and checkpoint round trips.
 
 use std::collections::HashMap;
@@ -119,6 +120,61 @@ fn classic_bert_matches_transformers() {
     }
 }
 
+/// An ESM fixture against transformers' logits, from either weight file; `layout` is what the
+/// detection must say, and the fixture's `<mask>`-free rows must be what dnatune's tokenizer
+/// makes of its sequences.
+fn check_esm_fixture(name: &str, reason: &str, rows_from_sequences: &[usize]) {
+    let dir = fixture(name);
+    let exp = expected(&dir);
+    for weights in ["model.safetensors", "pytorch_model.bin"] {
+        let tmp = with_only(&dir, weights);
+        let loaded = load(tmp.path(), &LoadOptions::default());
+        assert_eq!(loaded.config.architecture, Architecture::Esm);
+        assert!(loaded.detection.contains(reason), "{}", loaded.detection);
+        assert!(
+            loaded.report.initialized.is_empty(),
+            "{:?}",
+            loaded.report.initialized
+        );
+        // The contact head is named as a pre-training head, nothing as unexpected.
+        assert!(
+            !loaded.notes.iter().any(|n| n.contains("unexpected")),
+            "{:?}",
+            loaded.notes
+        );
+        let got = logits(&loaded.model, &exp.ids, &exp.mask);
+        let diff = max_abs_diff(&got, &exp.logits);
+        assert!(
+            diff < 1e-5,
+            "{name} {weights}: logits differ by {diff}: {got:?} vs {:?}",
+            exp.logits
+        );
+    }
+    let tokenizer = dnatune::tokenize::load_tokenizer(&dir).unwrap();
+    let sequences: Vec<String> = serde_json::from_value(exp.json["sequences"].clone()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(exp.json["input_ids"].clone()).unwrap();
+    let pad = tokenizer.special_tokens().pad;
+    for &row in rows_from_sequences {
+        let mut want = ids[row].clone();
+        while want.last() == Some(&pad) {
+            want.pop();
+        }
+        assert_eq!(tokenizer.encode(&sequences[row], None), want, "row {row}");
+    }
+}
+
+#[test]
+fn nucleotide_transformer_v1_layout_matches_transformers() {
+    // Learned positions from pad_token_id + 1, GELU, token dropout (row 1 holds a <mask>).
+    check_esm_fixture("tiny-esm", "model_type", &[0, 2]);
+}
+
+#[test]
+fn nucleotide_transformer_v2_layout_matches_transformers() {
+    // Rotary positions and bias-free SwiGLU; detected by its auto_map, as released v2 configs.
+    check_esm_fixture("tiny-nt-v2", "auto_map", &[0, 1, 2]);
+}
+
 #[test]
 fn padding_does_not_change_a_sequences_logits() {
     let loaded = load(&fixture("tiny-dnabert2"), &LoadOptions::default());
@@ -228,6 +284,11 @@ fn lora_linear_gradients_match_finite_differences() {
 fn tiny_config(arch: Architecture, layers: usize) -> ModelConfig {
     let mut cfg = ModelConfig::new(arch, 16, layers, 12, 3, 20).unwrap();
     cfg.max_position_embeddings = 16;
+    if arch == Architecture::Esm {
+        // Token 3 pads the second sequence; token 9 (in the first) is <mask>.
+        cfg.raw.insert("pad_token_id".into(), 3.into());
+        cfg.raw.insert("mask_token_id".into(), 9.into());
+    }
     cfg
 }
 
@@ -238,8 +299,15 @@ fn tiny_classifier_loss(
     seed: u64,
     pooling: Pooling,
 ) -> (ParamStore, impl Fn() -> Tensor) {
+    tiny_classifier_loss_of(tiny_config(arch, 1), seed, pooling)
+}
+
+fn tiny_classifier_loss_of(
+    cfg: ModelConfig,
+    seed: u64,
+    pooling: Pooling,
+) -> (ParamStore, impl Fn() -> Tensor) {
     let dev = Device::Cpu;
-    let cfg = tiny_config(arch, 1);
     let mut b = ParamBuilder::fresh(seed, &dev).with_dtype(DType::F64);
     let model = SequenceClassifier::build(&mut b, &cfg, 2, pooling).unwrap();
     let (params, _) = b.finish().unwrap();
@@ -314,6 +382,91 @@ fn bert_layer_gradients_match_finite_differences() {
         &[2 * 12 + 3, 3 * 12 + 7],
         "position embeddings",
     );
+}
+
+/// The ESM layer's parameters in both Nucleotide Transformer layouts: `v2` (rotary, SwiGLU
+/// without biases) or v1 with the rest switched on (learned positions, GELU with biases, token
+/// dropout with a `<mask>` in the batch, a LayerNorm on the embeddings).
+fn check_esm_gradients(v2: bool) {
+    let mut cfg = tiny_config(Architecture::Esm, 1);
+    if !v2 {
+        for (key, value) in [
+            ("position_embedding_type", serde_json::json!("absolute")),
+            ("token_dropout", serde_json::json!(true)),
+            ("emb_layer_norm_before", serde_json::json!(true)),
+        ] {
+            cfg.raw.insert(key.into(), value);
+        }
+        cfg.raw.remove("add_bias_fnn");
+        // Positions count from pad_token_id + 1 = 4.
+        cfg.max_position_embeddings = 12;
+    }
+    let (params, loss) = tiny_classifier_loss_of(cfg, 5, Pooling::Cls);
+    let var = |n: &str| params.entries[n].var.clone().unwrap();
+    let p = "esm.encoder.layer.0";
+    for (name, entries) in [
+        ("attention.LayerNorm.weight", &[0usize, 7][..]),
+        ("attention.self.query.weight", &[0, 50, 143]),
+        ("attention.self.key.weight", &[3, 77]),
+        ("attention.self.key.bias", &[1, 10]),
+        ("attention.self.value.weight", &[5, 130]),
+        ("attention.output.dense.weight", &[1, 99]),
+        ("LayerNorm.bias", &[2, 9]),
+        ("intermediate.dense.weight", &[0, 100, 239]),
+        ("output.dense.weight", &[4, 200]),
+    ] {
+        check_gradient(&var(&format!("{p}.{name}")), &loss, entries, name);
+    }
+    check_gradient(
+        &var("esm.encoder.emb_layer_norm_after.weight"),
+        &loss,
+        &[0, 11],
+        "emb_layer_norm_after",
+    );
+    check_gradient(
+        &var("esm.embeddings.word_embeddings.weight"),
+        &loss,
+        &[7 * 12 + 2, 12 * 12 + 5],
+        "word embeddings",
+    );
+    assert_eq!(
+        params
+            .entries
+            .contains_key(&format!("{p}.intermediate.dense.bias")),
+        !v2
+    );
+    if v2 {
+        assert_eq!(
+            params.entries[&format!("{p}.intermediate.dense.weight")]
+                .tensor
+                .dims(),
+            &[40, 12],
+            "SwiGLU projects to twice the intermediate width"
+        );
+    } else {
+        check_gradient(
+            &var("esm.embeddings.position_embeddings.weight"),
+            &loss,
+            &[4 * 12 + 3, 6 * 12 + 7],
+            "position embeddings",
+        );
+        check_gradient(
+            &var("esm.embeddings.layer_norm.weight"),
+            &loss,
+            &[1, 8],
+            "embedding LayerNorm",
+        );
+    }
+}
+
+#[test]
+fn esm_v2_layer_gradients_match_finite_differences() {
+    check_esm_gradients(true);
+}
+
+#[test]
+fn esm_v1_layer_gradients_match_finite_differences() {
+    check_esm_gradients(false);
 }
 
 #[test]

@@ -42,6 +42,11 @@ fn init_tiny_kmer(dir: &Path, hidden: &str) {
     init_tiny_with(dir, hidden, &["--arch", "bert", "--kmer", "3"]);
 }
 
+/// A tiny two-layer ESM in the Nucleotide Transformer v2 layout, non-overlapping 3-mers.
+fn init_tiny_nt(dir: &Path, hidden: &str) {
+    init_tiny_with(dir, hidden, &["--arch", "nt", "--kmer", "3"]);
+}
+
 fn init_tiny_with(dir: &Path, hidden: &str, architecture: &[&str]) {
     let mut args = vec!["init-model"];
     args.extend_from_slice(architecture);
@@ -248,12 +253,16 @@ fn fused_kernels_train_like_the_plain_candle_ops() {
     init_tiny(&dnabert2, "64");
     let kmer_bert = tmp.path().join("kmer-bert");
     init_tiny_kmer(&kmer_bert, "64");
+    let nt = tmp.path().join("nt");
+    init_tiny_nt(&nt, "64");
     let cases = [
         (&dnabert2, Method::Full),
         (&dnabert2, Method::Lora),
         (&dnabert2, Method::QloraNf4),
         (&kmer_bert, Method::Full),
         (&kmer_bert, Method::Lora),
+        (&nt, Method::Full),
+        (&nt, Method::Lora),
     ];
     for (model, method) in cases {
         let arch = model.file_name().unwrap().to_str().unwrap();
@@ -290,4 +299,122 @@ fn fused_kernels_train_like_the_plain_candle_ops() {
             );
         }
     }
+}
+
+/// The probability columns of a `predict` output file.
+fn probabilities(path: &Path) -> Vec<Vec<f64>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let columns: Vec<usize> = (0..header.len())
+        .filter(|&i| header[i].starts_with("prob_"))
+        .collect();
+    assert_eq!(columns.len(), 2, "{header:?}");
+    lines
+        .map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            columns
+                .iter()
+                .map(|&i| fields[i].parse().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn nucleotide_transformer_checkpoint_fine_tunes_merges_and_predicts() {
+    // The transformers-made v2 fixture (rotary, SwiGLU) through LoRA training, the PEFT
+    // adapter, merging, and prediction from the adapter and from the merged directory.
+    let tmp = tempfile::tempdir().unwrap();
+    let base = repo("tests/fixtures/tiny-nt-v2");
+    let run = tmp.path().join("run");
+    let cfg = TrainConfig {
+        model: base.clone(),
+        data: repo("data/gue-tf0"),
+        out: run.clone(),
+        method: Method::Lora,
+        max_steps: 12,
+        lr: Some(1e-2),
+        max_train_samples: Some(384),
+        max_length: 48,
+        ..TrainConfig::default()
+    };
+    dnatune::train::run(&cfg, false).unwrap();
+    let adapter = run.join("best");
+    let adapter_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        adapter_config["target_modules"],
+        serde_json::json!(["query", "key", "value"])
+    );
+    let merged = tmp.path().join("merged");
+    let (base_s, adapter_s, merged_s) = (
+        base.to_str().unwrap(),
+        adapter.to_str().unwrap(),
+        merged.to_str().unwrap(),
+    );
+    dnatune(&[
+        "merge",
+        "--model",
+        base_s,
+        "--adapter",
+        adapter_s,
+        "--out",
+        merged_s,
+    ]);
+    // The merged directory is a plain ESM model: HF names, its head under `classifier.*`.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["position_embedding_type"], "rotary");
+    assert_eq!(config["add_bias_fnn"], false);
+    let tensors =
+        candle_core::safetensors::load(merged.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert!(tensors.contains_key("classifier.out_proj.weight"));
+    assert!(tensors.contains_key("esm.encoder.layer.1.attention.self.query.weight"));
+    assert!(!tensors.keys().any(|k| k.contains("lora_")));
+
+    let input = repo("data/gue-tf0/test.csv");
+    let input_s = input.to_str().unwrap();
+    let (from_adapter, from_merged) = (tmp.path().join("a.csv"), tmp.path().join("m.csv"));
+    dnatune(&[
+        "predict",
+        "--model",
+        base_s,
+        "--adapter",
+        adapter_s,
+        "--input",
+        input_s,
+        "--out",
+        from_adapter.to_str().unwrap(),
+        "--max-length",
+        "48",
+    ]);
+    dnatune(&[
+        "predict",
+        "--model",
+        merged_s,
+        "--input",
+        input_s,
+        "--out",
+        from_merged.to_str().unwrap(),
+        "--max-length",
+        "48",
+    ]);
+    let (a, m) = (probabilities(&from_adapter), probabilities(&from_merged));
+    assert_eq!(a.len(), 1000);
+    let gap = a
+        .iter()
+        .flatten()
+        .zip(m.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    assert!(gap < 1e-4, "adapter and merged predictions differ by {gap}");
+    // Training moved the classifier away from a constant call.
+    let spread = a.iter().map(|p| p[1]).fold(f64::NAN, f64::max)
+        - a.iter().map(|p| p[1]).fold(f64::NAN, f64::min);
+    assert!(spread > 0.05, "probabilities hardly vary: spread {spread}");
 }

@@ -5,15 +5,18 @@ Run once by hand, from the repository root, with a private venv that has torch a
 
     python3 -m venv /work/venv-torch
     /work/venv-torch/bin/pip install torch transformers safetensors numpy
-    /work/venv-torch/bin/python tools/make_fixtures.py
+    /work/venv-torch/bin/python tools/make_fixtures.py [FIXTURE ...]   # default: all
 
 It writes, deterministically (fixed seeds, CPU):
   tests/fixtures/tiny-dnabert2/  DNABERT-2 architecture, 6 heads (not a power of two, so the ALiBi
                                  slope interleaving is exercised), from tools/torch_reference/dnabert2.py;
   tests/fixtures/tiny-bert/      classic BERT built by transformers.BertForSequenceClassification
                                  with a DNABERT 3-mer vocab.txt.
-  tests/fixtures/nested-state-dict/  a pytorch_model.bin whose state dict is nested and prefixed.
-The two model directories get config.json, model.safetensors, pytorch_model.bin (torch.save of the same
+  tests/fixtures/nested-state-dict/  a pytorch_model.bin whose state dict is nested and prefixed;
+  tests/fixtures/tiny-esm/       transformers.EsmForSequenceClassification in the Nucleotide Transformer
+                                 v1 layout (learned positions, token dropout) with an NT 3-mer vocab.txt;
+  tests/fixtures/tiny-nt-v2/     the same classes in the v2 layout (rotary, bias-free SwiGLU swapped in).
+The model directories get config.json, model.safetensors, pytorch_model.bin (torch.save of the same
 state_dict, zip format) and expected.json (inputs and float64 eval-mode logits rounded to float32).
 Before writing, the DNABERT-2 reference is cross-checked against a plain loop-based numpy forward.
 """
@@ -94,7 +97,7 @@ def perturb_(model: torch.nn.Module, generator: torch.Generator) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
-            is_norm = "layernorm" in name.lower()
+            is_norm = "layernorm" in name.lower().replace("_", "")
             if is_norm and name.endswith("weight"):
                 value = 1.0 + 0.2 * noise
             elif name.endswith("bias"):
@@ -296,6 +299,123 @@ def make_tiny_bert() -> None:
     print(f"tiny-bert: logits {expected['logits']}")
 
 
+# Nucleotide Transformer vocabulary order: six specials, the k-mers (product order over "ACGT"),
+# then the single bases for tails and k-mers holding N.
+NT_SPECIALS = ["<unk>", "<pad>", "<mask>", "<cls>", "<eos>", "<bos>"]
+
+
+def nt_vocab(k: int) -> list[str]:
+    return NT_SPECIALS + ["".join(p) for p in itertools.product("ACGT", repeat=k)] + list("ACGTN")
+
+
+def nt_ids(sequence: str, token: dict, k: int) -> list[int]:
+    """<cls>, non-overlapping k-mers (a short tail base by base), <eos>: dnatune's NT tokenization."""
+    body = []
+    for start in range(0, len(sequence), k):
+        piece = sequence[start : start + k]
+        body += [token[piece]] if len(piece) == k and "N" not in piece else [token[b] for b in piece]
+    return [token["<cls>"]] + body + [token["<eos>"]]
+
+
+class SwiGluIntermediate(torch.nn.Module):
+    """Nucleotide Transformer v2's feed-forward input: one projection to twice the width, SiLU of
+    the first half times the second, no bias."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.dense = torch.nn.Linear(hidden, 2 * intermediate, bias=False)
+
+    def forward(self, x):
+        gate, value = self.dense(x).chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * value
+
+
+class BiasFreeOutput(torch.nn.Module):
+    def __init__(self, intermediate: int, hidden: int):
+        super().__init__()
+        self.dense = torch.nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x, residual):
+        return self.dense(x) + residual
+
+
+def make_tiny_esm(name: str, v2: bool, seed: int) -> None:
+    """transformers' EsmForSequenceClassification in the Nucleotide Transformer layouts: v1
+    (learned positions from pad_token_id + 1, GELU, token dropout on) or v2 (rotary positions,
+    SwiGLU without biases: transformers' classes with the feed-forward modules swapped)."""
+    from transformers import EsmConfig, EsmForSequenceClassification
+
+    out = FIXTURES / name
+    out.mkdir(parents=True, exist_ok=True)
+    k = 3
+    vocab = nt_vocab(k)
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    token = {t: i for i, t in enumerate(vocab)}
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    config = EsmConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=40,
+        layer_norm_eps=1e-12,
+        position_embedding_type="rotary" if v2 else "absolute",
+        token_dropout=not v2,
+        emb_layer_norm_before=False,
+        pad_token_id=token["<pad>"],
+        mask_token_id=token["<mask>"],
+        num_labels=2,
+    )
+    model = EsmForSequenceClassification(config)
+    if v2:
+        for layer in model.esm.encoder.layer:
+            layer.intermediate = SwiGluIntermediate(32, 48)
+            layer.output = BiasFreeOutput(48, 32)
+    perturb_(model, generator)
+    model.eval()
+    save_weights(model, out)
+    raw = config.to_dict()
+    if v2:
+        # As the released v2 checkpoints: their own code in auto_map, no model_type.
+        raw["add_bias_fnn"] = False
+        raw.pop("model_type", None)
+        raw["auto_map"] = {
+            "AutoConfig": "esm_config.EsmConfig",
+            "AutoModelForMaskedLM": "modeling_esm.EsmForMaskedLM",
+        }
+    (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+    # Three right-padded rows; v1's second row holds a <mask>, which token dropout zeroes and
+    # compensates for.
+    sequences = ["ACGTTGCAATGGA", "GGATCCANTAC", "TTGACG"]
+    rows = [nt_ids(seq, token, k) for seq in sequences]
+    if not v2:
+        rows[1][2] = token["<mask>"]
+    width = max(len(r) for r in rows)
+    ids = [r + [token["<pad>"]] * (width - len(r)) for r in rows]
+    mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+    input_ids, attention_mask = torch.tensor(ids), torch.tensor(mask)
+
+    reference = model.double()
+    with torch.no_grad():
+        logits = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+        alone = reference(input_ids=input_ids[2:, : len(rows[2])]).logits
+    assert torch.allclose(alone, logits[2:], atol=1e-10), "padding leaks into the logits"
+    expected = {
+        "sequences": sequences,
+        "input_ids": ids,
+        "attention_mask": mask,
+        "logits": round_f32(logits),
+    }
+    write_expected(out / "expected.json", expected)
+    print(f"{name}: logits {expected['logits']}")
+
+
 def make_nested_checkpoint() -> None:
     """A training-script checkpoint: the state dict nested under "state_dict", DataParallel's
     "module." prefix, an f16 tensor and an int64 buffer. Values are exact in f16 so tests can
@@ -309,11 +429,20 @@ def make_nested_checkpoint() -> None:
     torch.save({"state_dict": state, "epoch": 3, "optimizer": {"lr": 0.001}}, out / "pytorch_model.bin")
 
 
+FIXTURE_MAKERS = {
+    "tiny-dnabert2": make_tiny_dnabert2,
+    "tiny-bert": make_tiny_bert,
+    "nested-state-dict": make_nested_checkpoint,
+    "tiny-esm": lambda: make_tiny_esm("tiny-esm", v2=False, seed=20240603),
+    "tiny-nt-v2": lambda: make_tiny_esm("tiny-nt-v2", v2=True, seed=20240604),
+}
+
+
 def main() -> None:
+    """Writes the fixtures named on the command line, or all of them."""
     torch.use_deterministic_algorithms(True)
-    make_tiny_dnabert2()
-    make_tiny_bert()
-    make_nested_checkpoint()
+    for name in sys.argv[1:] or FIXTURE_MAKERS:
+        FIXTURE_MAKERS[name]()
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")

@@ -143,6 +143,8 @@ struct QuickstartArgs {
 enum ArchArg {
     Dnabert2,
     Bert,
+    /// ESM in the Nucleotide Transformer v2 layout: rotary positions, SwiGLU feed-forward.
+    Nt,
 }
 
 #[derive(Args)]
@@ -163,7 +165,8 @@ struct InitModelArgs {
     /// A BPE `tokenizer.json` (DNABERT-2 style models).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// k for an overlapping k-mer vocabulary (classic DNABERT); writes vocab.txt.
+    /// k for a k-mer vocabulary, written as vocab.txt: overlapping for `--arch bert` (classic
+    /// DNABERT), non-overlapping for `--arch nt` (Nucleotide Transformer, which uses 6).
     #[arg(long)]
     kmer: Option<usize>,
     #[arg(long, default_value_t = 512)]
@@ -587,16 +590,22 @@ fn init_model(a: InitModelArgs) -> Result<()> {
         None => {
             let tokenizer: Box<dyn Tokenizer> = match (a.arch, &a.tokenizer, a.kmer) {
                 (_, Some(path), None) => Box::new(tokenize::BpeTokenizer::from_file(path)?),
+                (ArchArg::Nt, None, Some(k)) => {
+                    Box::new(tokenize::KmerTokenizer::non_overlapping(k)?)
+                }
                 (_, None, Some(k)) => Box::new(tokenize::KmerTokenizer::overlapping(k)?),
                 (_, Some(_), Some(_)) => bail!("give either --tokenizer or --kmer, not both"),
                 (ArchArg::Dnabert2, None, None) => {
                     bail!("--arch dnabert2 needs --tokenizer PATH/tokenizer.json")
                 }
-                (ArchArg::Bert, None, None) => bail!("--arch bert needs --kmer K (or --tokenizer)"),
+                (ArchArg::Bert | ArchArg::Nt, None, None) => {
+                    bail!("--arch bert and --arch nt need --kmer K (or --tokenizer)")
+                }
             };
             let arch = match a.arch {
                 ArchArg::Dnabert2 => Architecture::Dnabert2,
                 ArchArg::Bert => Architecture::Bert,
+                ArchArg::Nt => Architecture::Esm,
             };
             let mut cfg = ModelConfig::new(
                 arch,
@@ -607,6 +616,11 @@ fn init_model(a: InitModelArgs) -> Result<()> {
                 a.intermediate,
             )?;
             cfg.max_position_embeddings = a.max_positions;
+            if arch == Architecture::Esm {
+                let special = tokenizer.special_tokens();
+                cfg.raw.insert("pad_token_id".into(), special.pad.into());
+                cfg.raw.insert("mask_token_id".into(), special.mask.into());
+            }
             (cfg, tokenizer)
         }
     };

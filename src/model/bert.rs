@@ -6,7 +6,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use crate::model::config::ModelConfig;
-use crate::model::layers::{Embedding, LayerNorm};
+use crate::model::layers::{key_padding_bias, Embedding, LayerNorm};
 use crate::model::params::ParamBuilder;
 use crate::ops::{gelu, qkv_attention, ForwardCtx};
 use crate::peft::Linear;
@@ -107,12 +107,7 @@ impl BertEncoder {
         // The layers work on (batch * seq, hidden): no reshape nodes around every product.
         let x = x.reshape((b * t, h))?;
         let mut x = ctx.dropout(&self.emb_norm.forward(&x)?, self.hidden_dropout)?;
-        // Hugging Face masks padded keys with the most negative float; any large negative
-        // gives the same probabilities to float precision.
-        let pad = ((mask.to_dtype(x.dtype())? - 1.0)? * 1e9)?
-            .reshape((b, 1, 1, t))?
-            .broadcast_as((b, nh, t, t))?
-            .contiguous()?;
+        let pad = key_padding_bias(mask, nh, x.dtype())?;
         for layer in &self.layers {
             // q, k and v side by side, the layout the attention op reads (DNABERT-2's `Wqkv`).
             let qkv = Tensor::cat(

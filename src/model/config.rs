@@ -15,8 +15,21 @@ use serde_json::{json, Map, Value};
 pub enum Architecture {
     /// DNABERT-2: ALiBi attention, fused `Wqkv`, gated GELU MLP, no position embeddings.
     Dnabert2,
-    /// Classic BERT with absolute positions (k-mer DNABERT, Nucleotide-Transformer-style BERTs).
+    /// Classic BERT with absolute positions (the k-mer DNABERT models).
     Bert,
+    /// ESM, as the Nucleotide Transformers use it: pre-LayerNorm, learned or rotary positions,
+    /// GELU or SwiGLU feed-forward (see [`crate::model::esm`]).
+    Esm,
+}
+
+impl Architecture {
+    /// The prefix of the encoder's tensor names, as the Hugging Face classes save them.
+    pub fn weight_prefix(self) -> &'static str {
+        match self {
+            Architecture::Dnabert2 | Architecture::Bert => "bert",
+            Architecture::Esm => "esm",
+        }
+    }
 }
 
 impl std::fmt::Display for Architecture {
@@ -24,6 +37,7 @@ impl std::fmt::Display for Architecture {
         f.write_str(match self {
             Architecture::Dnabert2 => "DNABERT-2 (ALiBi, fused Wqkv, gated GELU)",
             Architecture::Bert => "BERT (absolute positions)",
+            Architecture::Esm => "ESM / Nucleotide Transformer (pre-LayerNorm)",
         })
     }
 }
@@ -50,7 +64,9 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// A fresh configuration for `init-model`.
+    /// A fresh configuration for `init-model`. An ESM one takes the Nucleotide Transformer v2
+    /// layout (rotary positions, SwiGLU without biases, no token dropout) and still needs its
+    /// `pad_token_id` and `mask_token_id` from the tokenizer.
     pub fn new(
         architecture: Architecture,
         vocab_size: usize,
@@ -59,7 +75,7 @@ impl ModelConfig {
         heads: usize,
         intermediate: usize,
     ) -> Result<Self> {
-        let config = ModelConfig {
+        let mut config = ModelConfig {
             architecture,
             vocab_size,
             hidden_size: hidden,
@@ -68,7 +84,7 @@ impl ModelConfig {
             intermediate_size: intermediate,
             hidden_dropout_prob: 0.1,
             attention_probs_dropout_prob: match architecture {
-                Architecture::Dnabert2 => 0.0,
+                Architecture::Dnabert2 | Architecture::Esm => 0.0,
                 Architecture::Bert => 0.1,
             },
             layer_norm_eps: 1e-12,
@@ -78,6 +94,16 @@ impl ModelConfig {
             num_labels: None,
             raw: Map::new(),
         };
+        if architecture == Architecture::Esm {
+            for (key, value) in [
+                ("position_embedding_type", json!("rotary")),
+                ("add_bias_fnn", json!(false)),
+                ("token_dropout", json!(false)),
+                ("emb_layer_norm_before", json!(false)),
+            ] {
+                config.raw.insert(key.into(), value);
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -216,7 +242,19 @@ impl ModelConfig {
                 out.entry("position_embedding_type")
                     .or_insert(json!("absolute"));
             }
+            // Nucleotide Transformer v2 configs name their own code in `auto_map` and no model
+            // type; a model type would send transformers to its native class instead.
+            Architecture::Esm if !out.contains_key("auto_map") => {
+                out.insert("model_type".into(), json!("esm"));
+            }
+            Architecture::Esm => {}
         }
+        let (classifier_class, mlm_class) = match self.architecture {
+            Architecture::Dnabert2 | Architecture::Bert => {
+                ("BertForSequenceClassification", "BertForMaskedLM")
+            }
+            Architecture::Esm => ("EsmForSequenceClassification", "EsmForMaskedLM"),
+        };
         if let Some(n) = self.num_labels {
             let id2label: Map<String, Value> = (0..n)
                 .map(|i| (i.to_string(), json!(format!("LABEL_{i}"))))
@@ -225,19 +263,15 @@ impl ModelConfig {
                 (0..n).map(|i| (format!("LABEL_{i}"), json!(i))).collect();
             out.insert("id2label".into(), Value::Object(id2label));
             out.insert("label2id".into(), Value::Object(label2id));
-            out.insert(
-                "architectures".into(),
-                json!(["BertForSequenceClassification"]),
-            );
+            out.insert("architectures".into(), json!([classifier_class]));
         } else {
-            out.entry("architectures")
-                .or_insert(json!(["BertForMaskedLM"]));
+            out.entry("architectures").or_insert(json!([mlm_class]));
         }
         Value::Object(out)
     }
 }
 
-/// Decides DNABERT-2 versus classic BERT from config fields first, weight names second.
+/// Decides DNABERT-2, ESM or classic BERT from config fields first, weight names second.
 fn detect_architecture<'a>(
     raw: &Map<String, Value>,
     weight_names: impl IntoIterator<Item = &'a str>,
@@ -258,10 +292,25 @@ fn detect_architecture<'a>(
             "config.json `auto_map` points to bert_layers".into(),
         );
     }
+    if raw.get("model_type").and_then(Value::as_str) == Some("esm") {
+        return (
+            Architecture::Esm,
+            "config.json has model_type \"esm\"".into(),
+        );
+    }
+    if auto_map_text.contains("esm") {
+        return (
+            Architecture::Esm,
+            "config.json `auto_map` points to ESM code (Nucleotide Transformer)".into(),
+        );
+    }
     let mut saw_bert_weights = false;
     for name in weight_names {
         if name.contains(".Wqkv.") || name.contains(".gated_layers.") {
             return (Architecture::Dnabert2, format!("weights hold `{name}`"));
+        }
+        if name.contains("emb_layer_norm_after") {
+            return (Architecture::Esm, format!("weights hold `{name}`"));
         }
         if name.contains("attention.self.query.") || name.contains("position_embeddings") {
             saw_bert_weights = true;

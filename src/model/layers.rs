@@ -1,7 +1,7 @@
-//! Small layers both encoders share.
+//! Small layers the encoders share.
 
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::model::params::{Init, ParamBuilder};
 
@@ -54,4 +54,15 @@ impl Embedding {
     pub fn table(&self) -> &Tensor {
         &self.table
     }
+}
+
+/// The additive attention bias (batch, heads, seq, seq) that hides padded keys, for `mask`
+/// (batch, seq), 1 on real tokens. Hugging Face uses the most negative float; any large negative
+/// gives the same probabilities to float precision.
+pub fn key_padding_bias(mask: &Tensor, heads: usize, dtype: DType) -> candle_core::Result<Tensor> {
+    let (b, t) = mask.dims2()?;
+    ((mask.to_dtype(dtype)? - 1.0)? * 1e9)?
+        .reshape((b, 1, 1, t))?
+        .broadcast_as((b, heads, t, t))?
+        .contiguous()
 }

@@ -1,10 +1,11 @@
-//! Encoders (DNABERT-2, classic BERT), the sequence-classification head on top, and loading and
-//! saving Hugging Face-style model directories.
+//! Encoders (DNABERT-2, classic BERT, ESM / Nucleotide Transformer), the sequence-classification
+//! head on top, and loading and saving Hugging Face-style model directories.
 
 pub mod bert;
 pub mod checkpoint;
 pub mod config;
 pub mod dnabert2;
+pub mod esm;
 pub mod inspect;
 pub mod layers;
 pub mod mlm;
@@ -44,6 +45,7 @@ pub enum Pooling {
 pub enum Encoder {
     Dnabert2(dnabert2::Dnabert2Encoder),
     Bert(bert::BertEncoder),
+    Esm(esm::EsmEncoder),
 }
 
 impl Encoder {
@@ -51,6 +53,7 @@ impl Encoder {
         Ok(match cfg.architecture {
             Architecture::Dnabert2 => Encoder::Dnabert2(dnabert2::Dnabert2Encoder::build(b, cfg)?),
             Architecture::Bert => Encoder::Bert(bert::BertEncoder::build(b, cfg)?),
+            Architecture::Esm => Encoder::Esm(esm::EsmEncoder::build(b, cfg)?),
         })
     }
 
@@ -63,6 +66,7 @@ impl Encoder {
         match self {
             Encoder::Dnabert2(e) => e.forward(ids, mask, ctx),
             Encoder::Bert(e) => e.forward(ids, mask, ctx),
+            Encoder::Esm(e) => e.forward(ids, mask, ctx),
         }
     }
 
@@ -71,17 +75,29 @@ impl Encoder {
         match self {
             Encoder::Dnabert2(e) => e.word_embeddings(),
             Encoder::Bert(e) => e.word_embeddings(),
+            Encoder::Esm(e) => e.word_embeddings(),
         }
     }
 }
 
-/// Encoder + pooler (dense + tanh) + classifier: Hugging Face's `BertForSequenceClassification`.
+/// The names of the head's two products, (dense + tanh, classes), as each family's Hugging Face
+/// `...ForSequenceClassification` saves them.
+pub fn head_names(arch: Architecture) -> (&'static str, &'static str) {
+    match arch {
+        Architecture::Dnabert2 | Architecture::Bert => ("bert.pooler.dense", "classifier"),
+        Architecture::Esm => ("classifier.dense", "classifier.out_proj"),
+    }
+}
+
+/// Encoder + pooler (dense + tanh) + classifier: Hugging Face's `BertForSequenceClassification`,
+/// or `EsmForSequenceClassification` (the same head under other names, dropout also before it).
 pub struct SequenceClassifier {
     encoder: Encoder,
     pooler: Linear,
     classifier: Linear,
     pooling: Pooling,
     dropout: f64,
+    dropout_before_pooler: bool,
     pub num_labels: usize,
 }
 
@@ -95,14 +111,16 @@ impl SequenceClassifier {
         let encoder = Encoder::build(b, cfg)?;
         let h = cfg.hidden_size;
         let std = cfg.initializer_range;
-        let pooler = Linear::build(b, "bert.pooler.dense", h, h, true, std)?;
-        let classifier = Linear::build(b, "classifier", h, num_labels, true, std)?;
+        let (pooler_name, classifier_name) = head_names(cfg.architecture);
+        let pooler = Linear::build(b, pooler_name, h, h, true, std)?;
+        let classifier = Linear::build(b, classifier_name, h, num_labels, true, std)?;
         Ok(SequenceClassifier {
             encoder,
             pooler,
             classifier,
             pooling,
             dropout: cfg.hidden_dropout_prob,
+            dropout_before_pooler: cfg.architecture == Architecture::Esm,
             num_labels,
         })
     }
@@ -127,6 +145,10 @@ impl SequenceClassifier {
                 let total = hidden.broadcast_mul(&m)?.sum(1)?;
                 total.broadcast_div(&m.sum(1)?)?
             }
+        };
+        let summary = match self.dropout_before_pooler {
+            true => ctx.dropout(&summary, self.dropout)?,
+            false => summary,
         };
         let pooled = self.pooler.forward(&summary, ctx)?.tanh()?;
         let pooled = ctx.dropout(&pooled, self.dropout)?;
@@ -221,25 +243,29 @@ pub fn load_classifier(
     }
     check_precision(opts)?;
     let (weights, _format) = checkpoint::load_weights(dir, device)?;
-    let mut weights = checkpoint::normalize_prefix(weights, "bert")?;
+    let names = weights
+        .keys()
+        .chain(adapter.iter().flat_map(|a| a.keys()))
+        .map(String::as_str);
+    let (mut config, detection) = ModelConfig::from_dir(dir, names)?;
+    let mut weights = checkpoint::normalize_prefix(weights, config.architecture.weight_prefix())?;
     if let Some(adapter) = adapter {
         weights.extend(adapter);
     }
-    let names: Vec<&str> = weights.keys().map(String::as_str).collect();
-    let (mut config, detection) = ModelConfig::from_dir(dir, names)?;
     if let Some(p) = opts.hidden_dropout {
         config.hidden_dropout_prob = p;
     }
     if let Some(p) = opts.attention_dropout {
         config.attention_probs_dropout_prob = p;
     }
+    let classifier_weight = format!("{}.weight", head_names(config.architecture).1);
     let from_checkpoint = weights
-        .get("classifier.weight")
+        .get(&classifier_weight)
         .map(|t| t.dim(0))
         .transpose()?;
     let num_labels = match (from_checkpoint, opts.num_labels) {
         (Some(have), Some(want)) if have != want => bail!(
-            "{}: tensor `classifier.weight` has {have} classes but the data has {want} labels",
+            "{}: tensor `{classifier_weight}` has {have} classes but the data has {want} labels",
             dir.display()
         ),
         (Some(have), _) => have,
@@ -251,7 +277,9 @@ pub fn load_classifier(
         if l.target_modules.is_empty() {
             l.target_modules = match config.architecture {
                 Architecture::Dnabert2 => vec!["Wqkv".to_string()],
-                Architecture::Bert => vec!["query".into(), "key".into(), "value".into()],
+                Architecture::Bert | Architecture::Esm => {
+                    vec!["query".into(), "key".into(), "value".into()]
+                }
             };
         }
         l
@@ -283,20 +311,23 @@ pub fn load_classifier(
             num_labels
         ));
     }
-    let mlm: usize = report
-        .unused
-        .iter()
-        .filter(|n| n.starts_with("cls."))
-        .count();
-    if mlm > 0 {
+    // Heads of pre-training (masked LM; ESM's contact prediction) are not the classifier's.
+    let pretraining_head = |n: &str| {
+        n.starts_with("cls.") || n.starts_with("lm_head.") || n.starts_with("esm.contact_head.")
+    };
+    let heads = report.unused.iter().filter(|n| pretraining_head(n)).count();
+    if heads > 0 {
         notes.push(format!(
-            "ignoring the masked-LM head ({mlm} tensors `cls.*`)"
+            "ignoring the masked-LM head and other pre-training heads ({heads} tensors: \
+             `cls.*`, `lm_head.*`, `esm.contact_head.*`)"
         ));
     }
+    // Saved buffers (position ids, rotary frequencies) are recomputed, not learned.
+    let is_buffer = |n: &str| n.ends_with("position_ids") || n.ends_with("inv_freq");
     let other: Vec<&String> = report
         .unused
         .iter()
-        .filter(|n| !n.starts_with("cls."))
+        .filter(|n| !pretraining_head(n) && !is_buffer(n))
         .collect();
     if !other.is_empty() {
         notes.push(format!(

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::model::checkpoint;
-use crate::model::config::ModelConfig;
+use crate::model::config::{Architecture, ModelConfig};
 use crate::model::mlm::{is_mlm_head, MaskedLm};
 use crate::model::params::{ParamBuilder, ParamStore, Trainable};
 use crate::ops::ForwardCtx;
@@ -237,10 +237,17 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
 
     // The model: a checkpoint's encoder (and MLM head, when it has one).
     let (weights, _) = checkpoint::load_weights(&cfg.model, &device)?;
-    let weights = checkpoint::normalize_prefix(weights, "bert")?;
     let (model_cfg, detection) =
         ModelConfig::from_dir(&cfg.model, weights.keys().map(String::as_str))?;
     println!("model: {} ({detection})", model_cfg.architecture);
+    if model_cfg.architecture == Architecture::Esm {
+        bail!(
+            "{}: pre-training ESM / Nucleotide Transformer models (their `lm_head`) is not \
+             supported; fine-tune them with `dnatune train`",
+            cfg.model.display()
+        );
+    }
+    let weights = checkpoint::normalize_prefix(weights, model_cfg.architecture.weight_prefix())?;
     let mut builder = ParamBuilder::new(
         weights,
         Trainable::All,

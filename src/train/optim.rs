@@ -30,7 +30,10 @@ pub struct AdamW {
 
 /// Biases and LayerNorm parameters get no weight decay, as in the BERT recipes.
 pub fn decays(name: &str) -> bool {
-    !(name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("layernorm"))
+    !(name.ends_with(".bias")
+        || name.contains("LayerNorm")
+        || name.contains("layernorm")
+        || name.contains("layer_norm"))
 }
 
 impl AdamW {
@@ -348,6 +351,8 @@ mod tests {
         assert!(!decays("bert.encoder.layer.0.mlp.wo.bias"));
         assert!(!decays("bert.embeddings.LayerNorm.weight"));
         assert!(!decays("bert.encoder.layer.0.mlp.layernorm.weight"));
+        assert!(!decays("esm.encoder.emb_layer_norm_after.weight"));
+        assert!(decays("esm.encoder.layer.0.attention.self.query.weight"));
     }
 
     #[test]

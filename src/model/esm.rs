@@ -1,0 +1,349 @@
+//! The ESM encoder family as the Nucleotide Transformer checkpoints use it (Dalla-Torre et al.,
+//! 2024), matching Hugging Face's `EsmModel` and the Nucleotide Transformer v2 code that extends
+//! it: pre-LayerNorm layers with a final LayerNorm, separate query/key/value, learned positions
+//! counted from `pad_token_id + 1` (v1) or rotary embeddings (v2), an exact-GELU feed-forward
+//! block (v1) or a SwiGLU one without biases (v2), and ESM's "token dropout" rescaling of the
+//! embeddings.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use serde_json::{Map, Value};
+
+use crate::model::config::ModelConfig;
+use crate::model::layers::{key_padding_bias, Embedding, LayerNorm};
+use crate::model::params::ParamBuilder;
+use crate::ops::{gelu, qkv_attention, ForwardCtx};
+use crate::peft::Linear;
+
+/// The fraction of tokens ESM's pre-training replaced by `<mask>` (15 % selected, 80 % of those
+/// masked): with token dropout on, embeddings are scaled as if that many were zeroed.
+const MASK_RATIO_TRAIN: f64 = 0.15 * 0.8;
+
+/// Where tokens learn their positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Positions {
+    /// A learned table indexed from `pad_token_id + 1` (fairseq's convention).
+    Absolute,
+    /// Rotary embeddings on the query and key of every head.
+    Rotary,
+}
+
+/// The feed-forward block between the two residual additions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeedForward {
+    /// `dense(intermediate)`, exact GELU, `dense(hidden)`, with biases (Hugging Face `EsmModel`).
+    Gelu,
+    /// One projection to twice the intermediate width, SiLU of the first half times the second
+    /// (Nucleotide Transformer v2); `bias` is its `add_bias_fnn`.
+    SwiGlu { bias: bool },
+}
+
+/// The `config.json` fields that shape an ESM encoder beyond the BERT ones.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EsmOptions {
+    pub positions: Positions,
+    /// The rotary base (`rope_theta`, 10000 when absent).
+    pub rope_theta: f64,
+    pub feed_forward: FeedForward,
+    pub token_dropout: bool,
+    /// A LayerNorm on the embeddings before the first layer (ESM-1b; off in the Nucleotide
+    /// Transformers).
+    pub emb_layer_norm_before: bool,
+    pub pad_token_id: u32,
+    pub mask_token_id: u32,
+}
+
+impl EsmOptions {
+    /// Reads the options from a config's fields. `add_bias_fnn` only exists in the Nucleotide
+    /// Transformer v2 configuration class, whose feed-forward block is always SwiGLU, so its
+    /// presence selects SwiGLU; a checkpoint of the other kind then fails on its weight shapes.
+    pub fn from_config(raw: &Map<String, Value>) -> Result<Self> {
+        let positions = match raw
+            .get("position_embedding_type")
+            .and_then(Value::as_str)
+            .unwrap_or("absolute")
+        {
+            "absolute" => Positions::Absolute,
+            "rotary" => Positions::Rotary,
+            other => bail!(
+                "position_embedding_type {other:?} is not supported for ESM models \
+                 (absolute or rotary)"
+            ),
+        };
+        let flag = |name: &str| -> Result<Option<bool>> {
+            match raw.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Bool(b)) => Ok(Some(*b)),
+                Some(other) => bail!("field `{name}` should be true or false, found {other}"),
+            }
+        };
+        let feed_forward = match flag("add_bias_fnn")? {
+            Some(bias) => FeedForward::SwiGlu { bias },
+            None => FeedForward::Gelu,
+        };
+        if flag("is_folding_model")? == Some(true) {
+            bail!("ESMFold (is_folding_model) is a structure predictor, not an encoder dnatune fine-tunes");
+        }
+        let token_id = |name: &str| -> Result<u32> {
+            raw.get(name)
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+                .with_context(|| format!("an ESM config needs the integer field `{name}`"))
+        };
+        let rope_theta = match raw.get("rope_theta") {
+            None | Some(Value::Null) => 10000.0,
+            Some(v) => v.as_f64().filter(|t| *t > 1.0).with_context(|| {
+                format!("field `rope_theta` should be a number above 1, found {v}")
+            })?,
+        };
+        Ok(EsmOptions {
+            positions,
+            rope_theta,
+            feed_forward,
+            token_dropout: flag("token_dropout")?.unwrap_or(false),
+            emb_layer_norm_before: flag("emb_layer_norm_before")?.unwrap_or(false),
+            pad_token_id: token_id("pad_token_id")?,
+            mask_token_id: token_id("mask_token_id")?,
+        })
+    }
+}
+
+struct Layer {
+    attn_norm: LayerNorm,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    ffn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+}
+
+pub struct EsmEncoder {
+    word: Embedding,
+    position: Option<Embedding>,
+    emb_norm: Option<LayerNorm>,
+    layers: Vec<Layer>,
+    final_norm: LayerNorm,
+    opts: EsmOptions,
+    heads: usize,
+    hidden: usize,
+    max_positions: usize,
+    hidden_dropout: f64,
+    attention_dropout: f64,
+}
+
+impl EsmEncoder {
+    pub fn build(b: &mut ParamBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let opts = EsmOptions::from_config(&cfg.raw)?;
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (std, eps) = (cfg.initializer_range, cfg.layer_norm_eps);
+        if opts.positions == Positions::Rotary && !cfg.head_dim().is_multiple_of(2) {
+            bail!(
+                "rotary embeddings need an even head size, got {}",
+                cfg.head_dim()
+            );
+        }
+        let word = Embedding::build(b, "esm.embeddings.word_embeddings", cfg.vocab_size, h, std)?;
+        let position = match opts.positions {
+            Positions::Absolute => Some(Embedding::build(
+                b,
+                "esm.embeddings.position_embeddings",
+                cfg.max_position_embeddings,
+                h,
+                std,
+            )?),
+            Positions::Rotary => None,
+        };
+        let emb_norm = opts
+            .emb_layer_norm_before
+            .then(|| LayerNorm::build(b, "esm.embeddings.layer_norm", h, eps))
+            .transpose()?;
+        let (inter_out, ffn_bias) = match opts.feed_forward {
+            FeedForward::Gelu => (i, true),
+            FeedForward::SwiGlu { bias } => (2 * i, bias),
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("esm.encoder.layer.{l}");
+            let lin = |b: &mut ParamBuilder, n: &str, in_dim: usize, out: usize, bias: bool| {
+                Linear::build(b, &format!("{p}.{n}"), in_dim, out, bias, std)
+            };
+            layers.push(Layer {
+                attn_norm: LayerNorm::build(b, &format!("{p}.attention.LayerNorm"), h, eps)?,
+                query: lin(b, "attention.self.query", h, h, true)?,
+                key: lin(b, "attention.self.key", h, h, true)?,
+                value: lin(b, "attention.self.value", h, h, true)?,
+                attn_out: lin(b, "attention.output.dense", h, h, true)?,
+                ffn_norm: LayerNorm::build(b, &format!("{p}.LayerNorm"), h, eps)?,
+                intermediate: lin(b, "intermediate.dense", h, inter_out, ffn_bias)?,
+                output: lin(b, "output.dense", i, h, ffn_bias)?,
+            });
+        }
+        let final_norm = LayerNorm::build(b, "esm.encoder.emb_layer_norm_after", h, eps)?;
+        Ok(EsmEncoder {
+            word,
+            position,
+            emb_norm,
+            layers,
+            final_norm,
+            opts,
+            heads: cfg.num_attention_heads,
+            hidden: h,
+            max_positions: cfg.max_position_embeddings,
+            hidden_dropout: cfg.hidden_dropout_prob,
+            attention_dropout: cfg.attention_probs_dropout_prob,
+        })
+    }
+
+    pub fn word_embeddings(&self) -> &Tensor {
+        self.word.table()
+    }
+
+    /// Word (+ position) embeddings (batch, seq, hidden), rescaled for token dropout, before the
+    /// optional LayerNorm.
+    fn embed(&self, ids: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let mut x = ctx.probe_word_embeddings(self.word.forward(ids)?)?;
+        let dtype = x.dtype();
+        if self.opts.token_dropout {
+            // `<mask>` tokens embed as zeros, and every sequence is scaled by the kept fraction
+            // pre-training saw over the fraction it keeps: 0.88 for a sequence without masks.
+            let masked = ids.eq(self.opts.mask_token_id)?.to_dtype(dtype)?;
+            let lengths = mask.to_dtype(dtype)?.sum_keepdim(1)?;
+            let observed = masked.sum_keepdim(1)?.broadcast_div(&lengths)?;
+            let scale = ((observed.affine(-1.0, 1.0)?.recip()?) * (1.0 - MASK_RATIO_TRAIN))?;
+            let kept = masked.affine(-1.0, 1.0)?.broadcast_mul(&scale)?;
+            x = x.broadcast_mul(&kept.unsqueeze(2)?)?;
+        }
+        if let Some(position) = &self.position {
+            // Real tokens sit at pad_token_id + 1, + 2, ... (right padding). Padded slots take
+            // other rows than the reference gives them (it zeroes them too), which no real token
+            // sees: padded keys are masked and pooling skips them.
+            let first = self.opts.pad_token_id as usize + 1;
+            if first + t > self.max_positions {
+                candle_core::bail!(
+                    "sequence of {t} tokens exceeds the {} positions this model has \
+                     (max_position_embeddings {} minus pad_token_id + 1); lower --max-length",
+                    self.max_positions.saturating_sub(first),
+                    self.max_positions
+                );
+            }
+            let positions =
+                Tensor::arange(first as u32, (first + t) as u32, ids.device())?.reshape((1, t))?;
+            x = x.broadcast_add(&position.forward(&positions)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Hidden states (batch, seq, hidden) for `ids` and `mask` (both (batch, seq), u32).
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let (h, nh) = (self.hidden, self.heads);
+        let mut x = self.embed(ids, mask, ctx)?.reshape((b * t, h))?;
+        if let Some(norm) = &self.emb_norm {
+            x = norm.forward(&x)?;
+        }
+        let dtype = x.dtype();
+        let pad = key_padding_bias(mask, nh, dtype)?;
+        let rotary = match self.opts.positions {
+            Positions::Rotary => Some(Rotary::new(
+                t,
+                h / nh,
+                self.opts.rope_theta,
+                dtype,
+                ids.device(),
+            )?),
+            Positions::Absolute => None,
+        };
+        for layer in &self.layers {
+            let normed = layer.attn_norm.forward(&x)?;
+            let mut q = layer.query.forward(&normed, ctx)?;
+            let mut k = layer.key.forward(&normed, ctx)?;
+            if let Some(rotary) = &rotary {
+                q = rotary.apply(&q, b, nh)?;
+                k = rotary.apply(&k, b, nh)?;
+            }
+            let v = layer.value.forward(&normed, ctx)?;
+            let qkv = Tensor::cat(&[q, k, v], 1)?;
+            let attn = qkv_attention(&qkv, &pad, nh, t, self.attention_dropout, ctx)?;
+            let attn = ctx.dropout(&layer.attn_out.forward(&attn, ctx)?, self.hidden_dropout)?;
+            x = (x + attn)?;
+            let inter = layer
+                .intermediate
+                .forward(&layer.ffn_norm.forward(&x)?, ctx)?;
+            let act = match self.opts.feed_forward {
+                FeedForward::Gelu => gelu(&inter)?,
+                FeedForward::SwiGlu { .. } => swiglu(&inter)?,
+            };
+            let out = ctx.dropout(&layer.output.forward(&act, ctx)?, self.hidden_dropout)?;
+            x = (x + out)?;
+        }
+        self.final_norm.forward(&x)?.reshape((b, t, h))
+    }
+}
+
+/// SiLU of the first half of the last dimension times the second half.
+fn swiglu(x: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(1)? / 2;
+    x.narrow(1, 0, half)?.silu()? * x.narrow(1, half, half)?
+}
+
+/// Rotary embedding tables for one sequence length: position p turns each pair (x_j, x_{j+d/2})
+/// of a head by the angle p / theta^(2j/d).
+struct Rotary {
+    /// (1, seq, 1, head_dim) each, to broadcast over batch and heads.
+    cos: Tensor,
+    sin: Tensor,
+    seq_len: usize,
+    head_dim: usize,
+}
+
+impl Rotary {
+    fn new(
+        seq_len: usize,
+        head_dim: usize,
+        theta: f64,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
+        let half = head_dim / 2;
+        let mut angles = Vec::with_capacity(seq_len * head_dim);
+        for p in 0..seq_len {
+            let row: Vec<f64> = (0..half)
+                .map(|j| p as f64 / theta.powf(2.0 * j as f64 / head_dim as f64))
+                .collect();
+            angles.extend_from_slice(&row);
+            angles.extend_from_slice(&row);
+        }
+        let table = |f: fn(f64) -> f64| {
+            let values: Vec<f64> = angles.iter().map(|&a| f(a)).collect();
+            Tensor::from_vec(values, (1, seq_len, 1, head_dim), device)?.to_dtype(dtype)
+        };
+        Ok(Rotary {
+            cos: table(f64::cos)?,
+            sin: table(f64::sin)?,
+            seq_len,
+            head_dim,
+        })
+    }
+
+    /// Rotates `x` (batch * seq, heads * head_dim), heads side by side: x cos + rotate_half(x) sin
+    /// with rotate_half(x1, x2) = (-x2, x1) per head.
+    fn apply(&self, x: &Tensor, batch: usize, heads: usize) -> candle_core::Result<Tensor> {
+        let (t, d) = (self.seq_len, self.head_dim);
+        let x4 = x.reshape((batch, t, heads, d))?;
+        let half = d / 2;
+        let rotated = Tensor::cat(
+            &[&x4.narrow(3, half, half)?.neg()?, &x4.narrow(3, 0, half)?],
+            3,
+        )?;
+        (x4.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?
+            .reshape((batch * t, heads * d))
+    }
+}
