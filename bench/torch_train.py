@@ -5,9 +5,11 @@ The model is the repository's independent reference module (tools/torch_referenc
 with its attention switched to `F.scaled_dot_product_attention`, the ALiBi + padding bias passed
 as `attn_mask` (the reference module computes the scores with plain matmuls, which is what this
 benchmark must not charge to PyTorch). A classic BERT checkpoint (k-mer DNABERT) runs on
-transformers' `BertForSequenceClassification` with SDPA attention. Training uses
+transformers' `BertForSequenceClassification` with SDPA attention, an ESM one (Nucleotide
+Transformer) on transformers' `EsmForSequenceClassification` with SDPA attention and, for the v2
+layout, the SwiGLU block of tools/torch_reference/nt_v2.py. Training uses
 torch.optim.AdamW; LoRA uses peft `LoraConfig(r=8, lora_alpha=16, target_modules=["Wqkv"])`
-(["query", "key", "value"] for classic BERT) with the pooler and the classifier trained in full
+(["query", "key", "value"] for classic BERT and ESM) with the pooler and the classifier trained in full
 (`modules_to_save`), the setting dnatune's `bench --method lora` uses.
 
 Modes (one JSON object on stdout, peak RSS from `resource.getrusage`, loading included):
@@ -60,36 +62,74 @@ def use_sdpa(dnabert2) -> None:
     dnabert2.Attention.forward = forward
 
 
-def is_classic_bert(model_dir: Path) -> bool:
-    """Whether the checkpoint is a classic BERT (separate query/key/value: k-mer DNABERT)."""
+def tensor_names(model_dir: Path) -> list[str]:
     from safetensors import safe_open
 
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        return any(".attention.self.query." in k for k in f.keys())
+        return list(f.keys())
+
+
+def is_esm(model_dir: Path) -> bool:
+    """Whether the checkpoint is an ESM encoder (Nucleotide Transformer)."""
+    return any(k.startswith("esm.") for k in tensor_names(model_dir))
+
+
+def is_classic_bert(model_dir: Path) -> bool:
+    """Whether the checkpoint is a classic BERT (separate query/key/value: k-mer DNABERT)."""
+    return not is_esm(model_dir) and any(".attention.self.query." in k for k in tensor_names(model_dir))
+
+
+class Logits:
+    """Wraps a transformers classifier so it is called as `model(ids, mask)` and returns logits,
+    like the reference module."""
+
+    @staticmethod
+    def wrap(model):
+        import torch
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.model = inner
+
+            def forward(self, ids, mask):
+                return self.model(input_ids=ids, attention_mask=mask).logits
+
+        return Wrapped(model)
+
+
+def load_esm(model_dir: Path, device: str):
+    """transformers' EsmForSequenceClassification with SDPA attention (the v2 SwiGLU block when the
+    config asks for it) holding the checkpoint's encoder; the head starts random, as dnatune's."""
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(REPO / "tools" / "torch_reference"))
+    from nt_v2 import esm_classifier
+
+    config = json.loads((model_dir / "config.json").read_text())
+    model = esm_classifier(config, num_labels=2, attn_implementation="sdpa")
+    expected = set(model.state_dict())
+    state = {k: v for k, v in load_file(str(model_dir / "model.safetensors")).items() if k in expected}
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    # The head, ESM's contact head and the rotary frequencies (a buffer) are not in the file.
+    if any(not k.startswith(("classifier.", "esm.contact_head.")) and not k.endswith("inv_freq") for k in missing):
+        raise SystemExit(f"{model_dir}/model.safetensors lacks encoder weights: {sorted(missing)}")
+    return Logits.wrap(model).to(device), config
 
 
 def load_classic_bert(model_dir: Path, device: str):
     """transformers' own BertForSequenceClassification with SDPA attention, what a k-mer DNABERT
     user runs; called as `model(ids, mask)` and returning logits, like the reference module."""
-    import torch
     from transformers import BertForSequenceClassification
-
-    class Logits(torch.nn.Module):
-        def __init__(self, bert):
-            super().__init__()
-            self.model = bert
-
-        def forward(self, ids, mask):
-            return self.model(input_ids=ids, attention_mask=mask).logits
 
     bert = BertForSequenceClassification.from_pretrained(str(model_dir), num_labels=2, attn_implementation="sdpa")
     config = json.loads((model_dir / "config.json").read_text())
-    return Logits(bert).to(device), config
+    return Logits.wrap(bert).to(device), config
 
 
 def lora_targets(model_dir: Path) -> list[str]:
     """dnatune's default LoRA targets: every attention projection."""
-    return ["query", "key", "value"] if is_classic_bert(model_dir) else ["Wqkv"]
+    return ["query", "key", "value"] if is_classic_bert(model_dir) or is_esm(model_dir) else ["Wqkv"]
 
 
 def load_model(model_dir: Path, device: str):
@@ -99,6 +139,8 @@ def load_model(model_dir: Path, device: str):
     import torch
     from safetensors.torch import load_file
 
+    if is_esm(model_dir):
+        return load_esm(model_dir, device)
     if is_classic_bert(model_dir):
         return load_classic_bert(model_dir, device)
     sys.path.insert(0, str(REPO / "tools" / "torch_reference"))

@@ -326,6 +326,80 @@ pub fn gated_gelu(x: &Tensor) -> Result<Tensor> {
     x.narrow(D::Minus1, 0, half)?.gelu_erf()? * x.narrow(D::Minus1, half, half)?
 }
 
+/// The Nucleotide Transformer v2's MLP activation: SiLU of the first half of the last dimension
+/// times the second half.
+pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+    if fused_for(x) {
+        return fused::swiglu(x);
+    }
+    let width = x.dim(D::Minus1)?;
+    if width % 2 != 0 {
+        candle_core::bail!("SwiGLU needs an even last dimension, got {width}");
+    }
+    let half = width / 2;
+    x.narrow(D::Minus1, 0, half)?.silu()? * x.narrow(D::Minus1, half, half)?
+}
+
+/// Rotary position embeddings (RoFormer, as ESM applies them) on the first `cols` columns of `x`
+/// (batch * seq_len, width): within each head of `head_dim` channels, the pair (j, j + d/2) of
+/// the token at position p turns by p / theta^(2j/d); the other columns pass through. The
+/// backward pass turns the gradient back.
+pub fn rotary(
+    x: &Tensor,
+    seq_len: usize,
+    head_dim: usize,
+    cols: usize,
+    theta: f64,
+) -> Result<Tensor> {
+    let half = head_dim / 2;
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(seq_len * half),
+        Vec::with_capacity(seq_len * half),
+    );
+    for p in 0..seq_len {
+        for j in 0..half {
+            let angle = p as f64 / theta.powf(2.0 * j as f64 / head_dim as f64);
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    if fused_for(x) {
+        let op = fused::Rotary {
+            cos: std::sync::Arc::new(cos),
+            sin: std::sync::Arc::new(sin),
+            seq_len,
+            head_dim,
+            cols,
+            inverse: false,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    // x cos + rotate_half(x) sin with rotate_half(x1, x2) = (-x2, x1), per head.
+    let (rows, width) = x.dims2()?;
+    let (batch, heads) = (rows / seq_len, cols / head_dim);
+    let table = |values: Vec<f64>| {
+        let t = Tensor::from_vec(values, (1, seq_len, 1, half), x.device())?.to_dtype(x.dtype())?;
+        Tensor::cat(&[&t, &t], 3)
+    };
+    let (cos, sin) = (table(cos)?, table(sin)?);
+    let heads4 = x
+        .narrow(1, 0, cols)?
+        .reshape((batch, seq_len, heads, head_dim))?;
+    let turned = Tensor::cat(
+        &[
+            &heads4.narrow(3, half, half)?.neg()?,
+            &heads4.narrow(3, 0, half)?,
+        ],
+        3,
+    )?;
+    let rotated =
+        (heads4.broadcast_mul(&cos)? + turned.broadcast_mul(&sin)?)?.reshape((rows, cols))?;
+    if cols == width {
+        return Ok(rotated);
+    }
+    Tensor::cat(&[&rotated, &x.narrow(1, cols, width - cols)?], 1)
+}
+
 /// Exact (erf) GELU, BERT's MLP activation.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if fused_for(x) {

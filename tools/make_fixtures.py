@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools" / "torch_reference"))
 
 from dnabert2 import DnaBert2ForSequenceClassification, alibi_slopes
+from nt_v2 import use_swiglu
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -317,32 +318,11 @@ def nt_ids(sequence: str, token: dict, k: int) -> list[int]:
     return [token["<cls>"]] + body + [token["<eos>"]]
 
 
-class SwiGluIntermediate(torch.nn.Module):
-    """Nucleotide Transformer v2's feed-forward input: one projection to twice the width, SiLU of
-    the first half times the second, no bias."""
-
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.dense = torch.nn.Linear(hidden, 2 * intermediate, bias=False)
-
-    def forward(self, x):
-        gate, value = self.dense(x).chunk(2, dim=-1)
-        return torch.nn.functional.silu(gate) * value
-
-
-class BiasFreeOutput(torch.nn.Module):
-    def __init__(self, intermediate: int, hidden: int):
-        super().__init__()
-        self.dense = torch.nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x, residual):
-        return self.dense(x) + residual
-
-
 def make_tiny_esm(name: str, v2: bool, seed: int) -> None:
     """transformers' EsmForSequenceClassification in the Nucleotide Transformer layouts: v1
     (learned positions from pad_token_id + 1, GELU, token dropout on) or v2 (rotary positions,
-    SwiGLU without biases: transformers' classes with the feed-forward modules swapped)."""
+    SwiGLU without biases: transformers' classes with tools/torch_reference/nt_v2.py's
+    feed-forward modules swapped in)."""
     from transformers import EsmConfig, EsmForSequenceClassification
 
     out = FIXTURES / name
@@ -373,9 +353,7 @@ def make_tiny_esm(name: str, v2: bool, seed: int) -> None:
     )
     model = EsmForSequenceClassification(config)
     if v2:
-        for layer in model.esm.encoder.layer:
-            layer.intermediate = SwiGluIntermediate(32, 48)
-            layer.output = BiasFreeOutput(48, 32)
+        use_swiglu(model, hidden=32, intermediate=48, bias=False, dropout=0.0)
     perturb_(model, generator)
     model.eval()
     save_weights(model, out)

@@ -6,13 +6,13 @@
 //! embeddings.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde_json::{Map, Value};
 
 use crate::model::config::ModelConfig;
 use crate::model::layers::{key_padding_bias, Embedding, LayerNorm};
 use crate::model::params::ParamBuilder;
-use crate::ops::{gelu, qkv_attention, ForwardCtx};
+use crate::ops::{gelu, qkv_attention, rotary, swiglu, ForwardCtx};
 use crate::peft::Linear;
 
 /// The fraction of tokens ESM's pre-training replaced by `<mask>` (15 % selected, 80 % of those
@@ -251,26 +251,20 @@ impl EsmEncoder {
         }
         let dtype = x.dtype();
         let pad = key_padding_bias(mask, nh, dtype)?;
-        let rotary = match self.opts.positions {
-            Positions::Rotary => Some(Rotary::new(
-                t,
-                h / nh,
-                self.opts.rope_theta,
-                dtype,
-                ids.device(),
-            )?),
-            Positions::Absolute => None,
-        };
         for layer in &self.layers {
             let normed = layer.attn_norm.forward(&x)?;
-            let mut q = layer.query.forward(&normed, ctx)?;
-            let mut k = layer.key.forward(&normed, ctx)?;
-            if let Some(rotary) = &rotary {
-                q = rotary.apply(&q, b, nh)?;
-                k = rotary.apply(&k, b, nh)?;
+            let mut qkv = Tensor::cat(
+                &[
+                    layer.query.forward(&normed, ctx)?,
+                    layer.key.forward(&normed, ctx)?,
+                    layer.value.forward(&normed, ctx)?,
+                ],
+                1,
+            )?;
+            if self.opts.positions == Positions::Rotary {
+                // q and k turn by their positions; v does not.
+                qkv = rotary(&qkv, t, h / nh, 2 * h, self.opts.rope_theta)?;
             }
-            let v = layer.value.forward(&normed, ctx)?;
-            let qkv = Tensor::cat(&[q, k, v], 1)?;
             let attn = qkv_attention(&qkv, &pad, nh, t, self.attention_dropout, ctx)?;
             let attn = ctx.dropout(&layer.attn_out.forward(&attn, ctx)?, self.hidden_dropout)?;
             x = (x + attn)?;
@@ -285,65 +279,5 @@ impl EsmEncoder {
             x = (x + out)?;
         }
         self.final_norm.forward(&x)?.reshape((b, t, h))
-    }
-}
-
-/// SiLU of the first half of the last dimension times the second half.
-fn swiglu(x: &Tensor) -> candle_core::Result<Tensor> {
-    let half = x.dim(1)? / 2;
-    x.narrow(1, 0, half)?.silu()? * x.narrow(1, half, half)?
-}
-
-/// Rotary embedding tables for one sequence length: position p turns each pair (x_j, x_{j+d/2})
-/// of a head by the angle p / theta^(2j/d).
-struct Rotary {
-    /// (1, seq, 1, head_dim) each, to broadcast over batch and heads.
-    cos: Tensor,
-    sin: Tensor,
-    seq_len: usize,
-    head_dim: usize,
-}
-
-impl Rotary {
-    fn new(
-        seq_len: usize,
-        head_dim: usize,
-        theta: f64,
-        dtype: DType,
-        device: &candle_core::Device,
-    ) -> candle_core::Result<Self> {
-        let half = head_dim / 2;
-        let mut angles = Vec::with_capacity(seq_len * head_dim);
-        for p in 0..seq_len {
-            let row: Vec<f64> = (0..half)
-                .map(|j| p as f64 / theta.powf(2.0 * j as f64 / head_dim as f64))
-                .collect();
-            angles.extend_from_slice(&row);
-            angles.extend_from_slice(&row);
-        }
-        let table = |f: fn(f64) -> f64| {
-            let values: Vec<f64> = angles.iter().map(|&a| f(a)).collect();
-            Tensor::from_vec(values, (1, seq_len, 1, head_dim), device)?.to_dtype(dtype)
-        };
-        Ok(Rotary {
-            cos: table(f64::cos)?,
-            sin: table(f64::sin)?,
-            seq_len,
-            head_dim,
-        })
-    }
-
-    /// Rotates `x` (batch * seq, heads * head_dim), heads side by side: x cos + rotate_half(x) sin
-    /// with rotate_half(x1, x2) = (-x2, x1) per head.
-    fn apply(&self, x: &Tensor, batch: usize, heads: usize) -> candle_core::Result<Tensor> {
-        let (t, d) = (self.seq_len, self.head_dim);
-        let x4 = x.reshape((batch, t, heads, d))?;
-        let half = d / 2;
-        let rotated = Tensor::cat(
-            &[&x4.narrow(3, half, half)?.neg()?, &x4.narrow(3, 0, half)?],
-            3,
-        )?;
-        (x4.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?
-            .reshape((batch * t, heads * d))
     }
 }

@@ -242,7 +242,7 @@ pub(super) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -
 }
 
 // ---------------------------------------------------------------------------------------------
-// GELU, plain and gated (gelu(x[.., :i]) * x[.., i:])
+// MLP activations: GELU, gated GELU (gelu(x[.., :i]) * x[.., i:]) and SwiGLU (silu(..) * ..)
 
 /// 1 / sqrt(2 pi): the normal density's constant.
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
@@ -326,14 +326,16 @@ fn normal_cdf_pdf_f32(a: f32) -> (f32, f32) {
     )
 }
 
-/// GELU and its derivative per element type: f32 through the branch-free [`erf_f32`] and
-/// [`exp_f32`] (so the row loops vectorize), f64 through the exact functions.
-trait GeluFloat: WithDType {
+/// The activations and their derivatives per element type: f32 through the branch-free
+/// [`erf_f32`] and [`exp_f32`] (so the row loops vectorize), f64 through the exact functions.
+trait ActivationFloat: WithDType {
     fn gelu(self) -> Self;
     fn gelu_and_grad(self) -> (Self, Self);
+    /// SiLU(a) = a sigmoid(a) and its derivative s (1 + a (1 - s)), s = sigmoid(a).
+    fn silu_and_grad(self) -> (Self, Self);
 }
 
-impl GeluFloat for f32 {
+impl ActivationFloat for f32 {
     #[inline(always)]
     fn gelu(self) -> Self {
         self * normal_cdf_f32(self)
@@ -344,9 +346,17 @@ impl GeluFloat for f32 {
         let (cdf, pdf) = normal_cdf_pdf_f32(self);
         (self * cdf, cdf + self * pdf)
     }
+
+    #[inline(always)]
+    fn silu_and_grad(self) -> (Self, Self) {
+        // e^-|a| never overflows; the sigmoid of either sign follows from it.
+        let e = exp_f32(-self.abs());
+        let s = (if self >= 0.0 { 1.0 } else { e }) / (1.0 + e);
+        (self * s, s * (1.0 + self * (1.0 - s)))
+    }
 }
 
-impl GeluFloat for f64 {
+impl ActivationFloat for f64 {
     #[inline(always)]
     fn gelu(self) -> Self {
         gelu_and_grad_f64(self).0
@@ -356,11 +366,18 @@ impl GeluFloat for f64 {
     fn gelu_and_grad(self) -> (Self, Self) {
         gelu_and_grad_f64(self)
     }
+
+    #[inline(always)]
+    fn silu_and_grad(self) -> (Self, Self) {
+        let e = (-self.abs()).exp();
+        let s = (if self >= 0.0 { 1.0 } else { e }) / (1.0 + e);
+        (self * s, s * (1.0 + self * (1.0 - s)))
+    }
 }
 
 multiversion! {
     /// One row of the gated GELU: `out = gelu(a) * lin` for x = [a | lin].
-    fn gated_gelu_row<T: GeluFloat>(x: &[T], out: &mut [T]) {
+    fn gated_gelu_row<T: ActivationFloat>(x: &[T], out: &mut [T]) {
         let (a, lin) = x.split_at(out.len());
         for ((o, &a), &lin) in out.iter_mut().zip(a).zip(lin) {
             *o = a.gelu() * lin;
@@ -371,7 +388,7 @@ multiversion! {
 multiversion! {
     /// One row of the gated GELU's input gradient: `dx[.., :i] = g * lin * gelu'(a)` and
     /// `dx[.., i:] = g * gelu(a)` for x = [a | lin].
-    fn gated_gelu_grad_row<T: GeluFloat>(x: &[T], g: &[T], dx: &mut [T]) {
+    fn gated_gelu_grad_row<T: ActivationFloat>(x: &[T], g: &[T], dx: &mut [T]) {
         let half = g.len();
         let (a, lin) = x.split_at(half);
         let (da, dlin) = dx.split_at_mut(half);
@@ -386,8 +403,34 @@ multiversion! {
 }
 
 multiversion! {
+    /// One row of SwiGLU: `out = silu(a) * lin` for x = [a | lin].
+    fn swiglu_row<T: ActivationFloat>(x: &[T], out: &mut [T]) {
+        let (a, lin) = x.split_at(out.len());
+        for ((o, &a), &lin) in out.iter_mut().zip(a).zip(lin) {
+            *o = a.silu_and_grad().0 * lin;
+        }
+    }
+}
+
+multiversion! {
+    /// One row of SwiGLU's input gradient: `dx[.., :i] = g * lin * silu'(a)` and
+    /// `dx[.., i:] = g * silu(a)` for x = [a | lin].
+    fn swiglu_grad_row<T: ActivationFloat>(x: &[T], g: &[T], dx: &mut [T]) {
+        let half = g.len();
+        let (a, lin) = x.split_at(half);
+        let (da, dlin) = dx.split_at_mut(half);
+        let inputs = a.iter().zip(lin).zip(g);
+        for ((da, dlin), ((&a, &lin), &g)) in da.iter_mut().zip(dlin).zip(inputs) {
+            let (act, dact) = a.silu_and_grad();
+            *da = g * lin * dact;
+            *dlin = g * act;
+        }
+    }
+}
+
+multiversion! {
     /// One row of GELU: `out = gelu(x)`.
-    fn gelu_row<T: GeluFloat>(x: &[T], out: &mut [T]) {
+    fn gelu_row<T: ActivationFloat>(x: &[T], out: &mut [T]) {
         for (o, &x) in out.iter_mut().zip(x) {
             *o = x.gelu();
         }
@@ -396,42 +439,55 @@ multiversion! {
 
 multiversion! {
     /// One row of GELU's input gradient: `dx = g * gelu'(x)`.
-    fn gelu_grad_row<T: GeluFloat>(x: &[T], g: &[T], dx: &mut [T]) {
+    fn gelu_grad_row<T: ActivationFloat>(x: &[T], g: &[T], dx: &mut [T]) {
         for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
             *d = g * x.gelu_and_grad().1;
         }
     }
 }
 
-/// Exact (erf) GELU over the last dimension: of all of it (BERT's MLP), or of its first half
-/// times its second half (`gated`, DNABERT-2's MLP).
-struct Gelu {
-    gated: bool,
+/// An MLP activation over the last dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Activation {
+    /// Exact (erf) GELU of every element: BERT's MLP.
+    Gelu,
+    /// GELU of the first half times the second half: DNABERT-2's MLP.
+    GatedGelu,
+    /// SiLU of the first half times the second half: the Nucleotide Transformer v2's MLP.
+    SwiGlu,
 }
 
-impl Gelu {
+impl Activation {
+    fn gated(self) -> bool {
+        self != Activation::Gelu
+    }
+
     /// The output's last dimension for an input's.
-    fn out_cols(&self, cols: usize) -> usize {
-        if self.gated {
+    fn out_cols(self, cols: usize) -> usize {
+        if self.gated() {
             cols / 2
         } else {
             cols
         }
     }
 
-    fn forward<T: GeluFloat>(&self, x: &[T], cols: usize) -> Vec<T> {
-        let row = if self.gated { gated_gelu_row } else { gelu_row };
+    fn forward<T: ActivationFloat>(self, x: &[T], cols: usize) -> Vec<T> {
+        let row = match self {
+            Activation::Gelu => gelu_row,
+            Activation::GatedGelu => gated_gelu_row,
+            Activation::SwiGlu => swiglu_row,
+        };
         map_rows(x, cols, self.out_cols(cols), row)
     }
 
     /// The input gradient for every row; in parallel over rows for large tensors.
-    fn backward<T: GeluFloat>(&self, x: &[T], g: &[T], cols: usize) -> Vec<T> {
+    fn backward<T: ActivationFloat>(self, x: &[T], g: &[T], cols: usize) -> Vec<T> {
         let mut dx = vec![T::from_f64(0.0); x.len()];
         let g_cols = self.out_cols(cols);
-        let row = if self.gated {
-            gated_gelu_grad_row
-        } else {
-            gelu_grad_row
+        let row = match self {
+            Activation::Gelu => gelu_grad_row,
+            Activation::GatedGelu => gated_gelu_grad_row,
+            Activation::SwiGlu => swiglu_grad_row,
         };
         if x.len() >= PARALLEL_MIN {
             dx.par_chunks_mut(cols)
@@ -446,19 +502,19 @@ impl Gelu {
     }
 }
 
-impl CustomOp1 for Gelu {
+impl CustomOp1 for Activation {
     fn name(&self) -> &'static str {
-        if self.gated {
-            "fused-gated-gelu"
-        } else {
-            "fused-gelu"
+        match self {
+            Activation::Gelu => "fused-gelu",
+            Activation::GatedGelu => "fused-gated-gelu",
+            Activation::SwiGlu => "fused-swiglu",
         }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let cols = last_dim(l.shape());
-        if self.gated && !cols.is_multiple_of(2) {
-            candle_core::bail!("gated GELU needs an even last dimension, got {cols}");
+        if self.gated() && !cols.is_multiple_of(2) {
+            candle_core::bail!("{} needs an even last dimension, got {cols}", self.name());
         }
         let out = match s {
             CpuStorage::F32(x) => {
@@ -496,12 +552,106 @@ impl CustomOp1 for Gelu {
 /// DNABERT-2's gated MLP activation: exact GELU of the first half of the last dimension times
 /// the second half.
 pub(super) fn gated_gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Gelu { gated: true })
+    x.contiguous()?.apply_op1(Activation::GatedGelu)
 }
 
 /// Exact GELU of every element.
 pub(super) fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Gelu { gated: false })
+    x.contiguous()?.apply_op1(Activation::Gelu)
+}
+
+/// SiLU of the first half of the last dimension times the second half.
+pub(super) fn swiglu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Activation::SwiGlu)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary position embeddings
+
+/// Turns each head's channel pairs (j, j + d/2) in the first `cols` columns of every row by the
+/// angle of the row's position (row index modulo `seq_len`); later columns pass through.
+/// `inverse` turns the other way: the transpose of the rotation, so the backward pass is the
+/// same op inverted.
+#[derive(Clone)]
+pub(super) struct Rotary {
+    /// cos and sin of position p's angle for pair j, at p * head_dim / 2 + j.
+    pub(super) cos: std::sync::Arc<Vec<f64>>,
+    pub(super) sin: std::sync::Arc<Vec<f64>>,
+    pub(super) seq_len: usize,
+    pub(super) head_dim: usize,
+    pub(super) cols: usize,
+    pub(super) inverse: bool,
+}
+
+impl Rotary {
+    fn forward<T: WithDType>(&self, x: &[T], width: usize) -> Vec<T> {
+        let half = self.head_dim / 2;
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let cos: Vec<T> = self.cos.iter().map(|&c| T::from_f64(c)).collect();
+        let sin: Vec<T> = self.sin.iter().map(|&s| T::from_f64(sign * s)).collect();
+        let mut out = x.to_vec();
+        let rotate = |(row, o): (usize, &mut [T])| {
+            let p = row % self.seq_len;
+            let (cos, sin) = (
+                &cos[p * half..(p + 1) * half],
+                &sin[p * half..(p + 1) * half],
+            );
+            for head in o[..self.cols].chunks_mut(self.head_dim) {
+                let (x1, x2) = head.split_at_mut(half);
+                for (((a, b), &c), &s) in x1.iter_mut().zip(x2).zip(cos).zip(sin) {
+                    let (xa, xb) = (*a, *b);
+                    *a = xa * c - xb * s;
+                    *b = xb * c + xa * s;
+                }
+            }
+        };
+        if x.len() >= PARALLEL_MIN {
+            out.par_chunks_mut(width).enumerate().for_each(rotate);
+        } else {
+            out.chunks_mut(width).enumerate().for_each(rotate);
+        }
+        out
+    }
+}
+
+impl CustomOp1 for Rotary {
+    fn name(&self) -> &'static str {
+        "fused-rotary"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, width) = l.shape().dims2()?;
+        if !rows.is_multiple_of(self.seq_len)
+            || self.cols > width
+            || !self.cols.is_multiple_of(self.head_dim)
+            || self.cos.len() != self.seq_len * self.head_dim / 2
+        {
+            candle_core::bail!(
+                "rotary: ({rows}, {width}) rows for sequences of {}, {} columns of heads of {}",
+                self.seq_len,
+                self.cols,
+                self.head_dim
+            );
+        }
+        let out = match s {
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(self.forward(contiguous(x, l, self.name())?, width))
+            }
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(self.forward(contiguous(x, l, self.name())?, width))
+            }
+            _ => candle_core::bail!("{} supports f32 and f64", self.name()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = Rotary {
+            inverse: !self.inverse,
+            ..self.clone()
+        };
+        Ok(Some(grad.contiguous()?.apply_op1(inverse)?))
+    }
 }
 
 #[cfg(test)]
@@ -576,7 +726,7 @@ mod tests {
     }
 
     #[test]
-    fn gelu_equals_plain_composition() {
+    fn activations_equal_plain_composition() {
         let mut init = Initializer::new(3);
         for dims in [[2usize, 3, 8], [1, 1, 2], [5, 7, 66], [3, 200, 70]] {
             let x = random(&mut init, &dims, 2.0);
@@ -586,10 +736,14 @@ mod tests {
             compare(&gated_gelu(&x).unwrap(), &reference, &[&x], 1e-5);
             let reference = plain(|| crate::ops::gelu(&x)).unwrap();
             compare(&gelu(&x).unwrap(), &reference, &[&x], 1e-5);
+            let reference = plain(|| crate::ops::swiglu(&x)).unwrap();
+            compare(&swiglu(&x).unwrap(), &reference, &[&x], 1e-12);
         }
         let odd = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
         assert!(gated_gelu(&odd).is_err());
         assert!(plain(|| crate::ops::gated_gelu(&odd)).is_err());
+        assert!(swiglu(&odd).is_err());
+        assert!(plain(|| crate::ops::swiglu(&odd)).is_err());
         assert_eq!(gelu(&odd).unwrap().dims(), &[2, 3]);
     }
 
@@ -615,14 +769,17 @@ mod tests {
     }
 
     #[test]
-    fn f32_gelu_matches_f64_kernel() {
+    fn f32_activations_match_f64_kernels() {
         let mut init = Initializer::new(5);
         // Odd widths, rows below and above the parallel threshold, values far into the tails.
-        for (dims, gated) in [
-            ([3usize, 5, 14], true),
-            ([2, 300, 130], true),
-            ([3, 7, 9], false),
+        for (dims, activation) in [
+            ([3usize, 5, 14], Activation::GatedGelu),
+            ([2, 300, 130], Activation::GatedGelu),
+            ([3, 7, 9], Activation::Gelu),
+            ([3, 5, 14], Activation::SwiGlu),
+            ([2, 300, 130], Activation::SwiGlu),
         ] {
+            let gated = activation.gated();
             let x64 = random(&mut init, &dims, 3.0);
             let x32 = Var::from_tensor(&x64.to_dtype(DType::F32).unwrap()).unwrap();
             let out_cols = if gated { dims[2] / 2 } else { dims[2] };
@@ -632,9 +789,8 @@ mod tests {
                 &Device::Cpu,
             )
             .unwrap();
-            let activation = if gated { gated_gelu } else { gelu };
-            let y32 = activation(&x32).unwrap();
-            let y64 = activation(&x64).unwrap();
+            let apply = |x: &Tensor| x.apply_op1(activation).unwrap();
+            let (y32, y64) = (apply(&x32), apply(&x64));
             let g32 = (&y32 * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let g64 = (&y64 * &w.to_dtype(DType::F64).unwrap())
                 .unwrap()
@@ -648,6 +804,44 @@ mod tests {
             let (d32, d64) = (as64(g32.get(&x32).unwrap()), g64.get(&x64).unwrap().clone());
             assert!(max_diff(&d32, &d64) < 2e-6 * scale(&d64).max(1.0));
         }
+    }
+
+    #[test]
+    fn rotary_equals_plain_composition() {
+        let mut init = Initializer::new(6);
+        // (batch, seq_len, head_dim, heads rotated, extra columns passed through, theta): q|k|v
+        // with v passing through, one head, an odd sequence length, rows above the parallel
+        // threshold.
+        for (batch, seq_len, head_dim, heads, extra, theta) in [
+            (2usize, 5usize, 4usize, 6usize, 12usize, 10_000.0),
+            (1, 1, 2, 1, 0, 10_000.0),
+            (3, 7, 8, 2, 0, 500.0),
+            (4, 33, 16, 8, 64, 10_000.0),
+        ] {
+            let cols = heads * head_dim;
+            let x = random(&mut init, &[batch * seq_len, cols + extra], 1.0);
+            let rotate = || crate::ops::rotary(&x, seq_len, head_dim, cols, theta).unwrap();
+            let (fused, reference) = (rotate(), plain(rotate));
+            compare(&fused, &reference, &[&x], 1e-12);
+            if extra > 0 {
+                let passed = fused.narrow(1, cols, extra).unwrap();
+                assert_eq!(max_diff(&passed, &x.narrow(1, cols, extra).unwrap()), 0.0);
+            }
+            // A rotation keeps each pair's length, and position 0 does not turn.
+            let norms = |t: &Tensor| t.narrow(1, 0, cols).unwrap().sqr().unwrap().sum(1).unwrap();
+            assert!(max_diff(&norms(&fused), &norms(&x)) < 1e-10);
+            let first = |t: &Tensor| t.narrow(0, 0, 1).unwrap();
+            assert!(max_diff(&first(&fused), &first(&x)) < 1e-15);
+        }
+        let x = random(&mut init, &[6, 8], 1.0);
+        assert!(
+            crate::ops::rotary(&x, 4, 4, 8, 1e4).is_err(),
+            "6 rows are not sequences of 4"
+        );
+        assert!(
+            crate::ops::rotary(&x, 3, 4, 12, 1e4).is_err(),
+            "12 columns exceed 8"
+        );
     }
 
     #[test]
@@ -665,6 +859,8 @@ mod tests {
         assert_eq!(max_diff(&via_ops, &gated_gelu(&x).unwrap()), 0.0);
         let via_ops = crate::ops::gelu(&x).unwrap();
         assert_eq!(max_diff(&via_ops, &gelu(&x).unwrap()), 0.0);
+        let via_ops = crate::ops::swiglu(&x).unwrap();
+        assert_eq!(max_diff(&via_ops, &swiglu(&x).unwrap()), 0.0);
         assert!(plain(|| !crate::ops::fused_for(&x)));
         assert!(
             crate::ops::fused_for(&x),
