@@ -2,7 +2,9 @@
 """Check that a dnatune adapter loads in Python PEFT and gives the same predictions.
 
 Loads the base model with a PyTorch module (by default the project's independent DNABERT-2 in
-tools/torch_reference/dnabert2.py; --module/--class point to another one), applies the adapter
+tools/torch_reference/dnabert2.py; --module/--class point to another one; an ESM base, a Nucleotide
+Transformer, loads into transformers' EsmForSequenceClassification, with the v2 SwiGLU block of
+tools/torch_reference/nt_v2.py when its config has `add_bias_fnn`), applies the adapter
 with ``peft.PeftModel.from_pretrained``, and prints its logits for a few sequences next to what
 ``dnatune predict --adapter`` gives for the same sequences.
 
@@ -55,18 +57,62 @@ def build_base(base: Path, adapter: Path, cls) -> torch.nn.Module:
     missing, unexpected = model.load_state_dict(load_file(str(base / "model.safetensors")), strict=False)
     # A base written by `dnatune init-model` or pre-training has no head: the adapter brings it.
     not_head = [k for k in missing if not k.startswith(("bert.pooler.", "classifier."))]
+    # A pre-trained base also carries its masked-LM head (`cls.*`), which classification ignores.
+    unexpected = [k for k in unexpected if not k.startswith("cls.")]
     if not_head or unexpected:
         raise SystemExit(f"base weights do not fit the module: missing {not_head}, unexpected {unexpected}")
     return model.eval()
 
 
-def encode(tokenizer_json: Path, seqs: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[CLS] + BPE tokens + [SEP], truncated and right-padded, as dnatune encodes."""
-    from tokenizers import Tokenizer
+def is_esm(config: dict) -> bool:
+    return config.get("model_type") == "esm" or "esm" in json.dumps(config.get("auto_map", {}))
 
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    cls_id, sep_id, pad_id = (tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
-    rows = [[cls_id] + tok.encode(s, add_special_tokens=False).ids[: max_len - 2] + [sep_id] for s in seqs]
+
+def build_esm(base: Path, adapter: Path) -> torch.nn.Module:
+    """transformers' ESM classifier with the base's encoder; the head comes from the adapter."""
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "tools" / "torch_reference"))
+    from nt_v2 import esm_classifier
+
+    config = json.loads((base / "config.json").read_text())
+    head = load_file(str(adapter / "adapter_model.safetensors"))
+    labels = next(t.shape[0] for k, t in head.items() if k.endswith("classifier.out_proj.weight"))
+    model = esm_classifier(config, num_labels=labels)
+    state = {k: v for k, v in load_file(str(base / "model.safetensors")).items() if k in model.state_dict()}
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    if any(not k.startswith(("classifier.", "esm.contact_head.")) and not k.endswith("inv_freq") for k in missing):
+        raise SystemExit(f"base weights do not fit the ESM module: missing {missing}")
+    return model.eval()
+
+
+def nt_rows(vocab_txt: Path, seqs: list[str], max_len: int) -> tuple[list[list[int]], int]:
+    """<cls> + non-overlapping k-mers (a short tail or a k-mer holding N base by base) + <eos>,
+    as dnatune encodes with a Nucleotide Transformer vocab.txt; and the pad id."""
+    vocab = vocab_txt.read_text().split()
+    token = {t: i for i, t in enumerate(vocab)}
+    k = max(len(t) for t in vocab if set(t) <= set("ACGT"))
+    rows = []
+    for seq in seqs:
+        body = []
+        for start in range(0, len(seq), k):
+            piece = seq[start : start + k]
+            body += [token[piece]] if len(piece) == k and "N" not in piece else [token[b] for b in piece]
+        rows.append([token["<cls>"]] + body[: max_len - 2] + [token["<eos>"]])
+    return rows, token["<pad>"]
+
+
+def encode(base: Path, seqs: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] + tokens + [SEP], truncated and right-padded, as dnatune encodes: BPE from the base's
+    tokenizer.json, or Nucleotide Transformer k-mers from its vocab.txt."""
+    if not (base / "tokenizer.json").exists():
+        rows, pad_id = nt_rows(base / "vocab.txt", seqs, max_len)
+    else:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+        cls_id, sep_id, pad_id = (tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+        rows = [[cls_id] + tok.encode(s, add_special_tokens=False).ids[: max_len - 2] + [sep_id] for s in seqs]
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
@@ -116,17 +162,27 @@ def main() -> int:
     if exe is None:
         raise SystemExit("dnatune executable not found; pass --dnatune PATH")
 
-    base = build_base(args.base, args.adapter, load_module(args.module, args.cls))
+    config = json.loads((args.base / "config.json").read_text())
+    if is_esm(config):
+        base = build_esm(args.base, args.adapter)
+
+        def forward(model, ids, mask):
+            return model(input_ids=ids, attention_mask=mask).logits
+    else:
+        base = build_base(args.base, args.adapter, load_module(args.module, args.cls))
+
+        def forward(model, ids, mask):
+            return model(ids, mask)
     peft_model = PeftModel.from_pretrained(base, str(args.adapter))
     peft_model.eval()
     lora_b = [(n, p) for n, p in peft_model.named_parameters() if "lora_B" in n]
     print(f"peft: {len(lora_b)} LoRA modules injected, sum |B| = "
           f"{sum(float(p.abs().sum()) for _, p in lora_b):.4f}")
-    ids, mask = encode(args.base / "tokenizer.json", seqs, args.max_length)
+    ids, mask = encode(args.base, seqs, args.max_length)
     with torch.no_grad():
         # The wrapped module: LoRA layers and the saved heads are injected in place, and calling
         # it directly avoids PeftModelForSequenceClassification's Hugging Face keyword arguments.
-        logits = peft_model.base_model.model(ids, mask).double()
+        logits = forward(peft_model.base_model.model, ids, mask).double()
     probs = torch.softmax(logits, dim=-1)
     theirs = dnatune_probs(exe, args.base, args.adapter, seqs, args.max_length)
 
