@@ -310,12 +310,13 @@ def nt_vocab(k: int) -> list[str]:
 
 
 def nt_ids(sequence: str, token: dict, k: int) -> list[int]:
-    """<cls>, non-overlapping k-mers (a short tail base by base), <eos>: dnatune's NT tokenization."""
+    """<cls>, then non-overlapping k-mers (a short tail or a k-mer holding N base by base) and no end
+    token: the Nucleotide Transformer's tokenization, and dnatune's."""
     body = []
     for start in range(0, len(sequence), k):
         piece = sequence[start : start + k]
         body += [token[piece]] if len(piece) == k and "N" not in piece else [token[b] for b in piece]
-    return [token["<cls>"]] + body + [token["<eos>"]]
+    return [token["<cls>"]] + body
 
 
 def make_tiny_esm(name: str, v2: bool, seed: int) -> None:

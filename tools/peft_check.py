@@ -87,8 +87,8 @@ def build_esm(base: Path, adapter: Path) -> torch.nn.Module:
 
 
 def nt_rows(vocab_txt: Path, seqs: list[str], max_len: int) -> tuple[list[list[int]], int]:
-    """<cls> + non-overlapping k-mers (a short tail or a k-mer holding N base by base) + <eos>,
-    as dnatune encodes with a Nucleotide Transformer vocab.txt; and the pad id."""
+    """<cls> + non-overlapping k-mers (a short tail or a k-mer holding N base by base), no end
+    token, as dnatune and the Nucleotide Transformer encode with its vocab.txt; and the pad id."""
     vocab = vocab_txt.read_text().split()
     token = {t: i for i, t in enumerate(vocab)}
     k = max(len(t) for t in vocab if set(t) <= set("ACGT"))
@@ -98,7 +98,7 @@ def nt_rows(vocab_txt: Path, seqs: list[str], max_len: int) -> tuple[list[list[i
         for start in range(0, len(seq), k):
             piece = seq[start : start + k]
             body += [token[piece]] if len(piece) == k and "N" not in piece else [token[b] for b in piece]
-        rows.append([token["<cls>"]] + body[: max_len - 2] + [token["<eos>"]])
+        rows.append([token["<cls>"]] + body[: max_len - 1])
     return rows, token["<pad>"]
 
 

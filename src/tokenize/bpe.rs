@@ -10,7 +10,7 @@ use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::AddedToken;
 
-use super::{resolve_specials, wrap_ids, wrap_spans, SpecialTokens, Tokenizer};
+use super::{resolve_specials, wrap_ids, wrap_spans, Framing, SpecialTokens, Tokenizer};
 
 /// Every character a sequence may hold; encoding it at load time proves later encodes cannot fail.
 const ALPHABET_PROBE: &str = "ACGTN";
@@ -84,11 +84,15 @@ impl Tokenizer for BpeTokenizer {
             self.pieces(seq).into_iter().map(|p| p.0),
             self.specials,
             max_len,
+            Framing::ClsSep,
         )
     }
 
     fn token_spans(&self, seq: &str) -> Vec<Option<(usize, usize)>> {
-        wrap_spans(self.pieces(seq).into_iter().map(|(_, s, e)| (s, e)))
+        wrap_spans(
+            self.pieces(seq).into_iter().map(|(_, s, e)| (s, e)),
+            Framing::ClsSep,
+        )
     }
 
     fn vocab_size(&self) -> usize {

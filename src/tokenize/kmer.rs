@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 use super::vocab::{Vocab, VocabKind};
-use super::{wrap_ids, wrap_spans, SpecialTokens, Tokenizer};
+use super::{wrap_ids, wrap_spans, Framing, SpecialTokens, Tokenizer};
 
 /// DNABERT's vocab.txt starts with these, in this order (ids 0..4); dnatune's own vocabularies reuse it.
 const BUILT_IN_SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
@@ -172,17 +172,33 @@ impl KmerTokenizer {
     }
 }
 
+impl KmerTokenizer {
+    /// DNABERT's `[CLS] .. [SEP]`; the Nucleotide Transformer's non-overlapping k-mers end
+    /// without a token.
+    fn framing(&self) -> Framing {
+        if self.overlapping {
+            Framing::ClsSep
+        } else {
+            Framing::ClsOnly
+        }
+    }
+}
+
 impl Tokenizer for KmerTokenizer {
     fn encode(&self, seq: &str, max_len: Option<usize>) -> Vec<u32> {
         wrap_ids(
             self.pieces(seq).into_iter().map(|p| p.0),
             self.vocab.specials(),
             max_len,
+            self.framing(),
         )
     }
 
     fn token_spans(&self, seq: &str) -> Vec<Option<(usize, usize)>> {
-        wrap_spans(self.pieces(seq).into_iter().map(|(_, s, e)| (s, e)))
+        wrap_spans(
+            self.pieces(seq).into_iter().map(|(_, s, e)| (s, e)),
+            self.framing(),
+        )
     }
 
     fn vocab_size(&self) -> usize {
@@ -272,11 +288,11 @@ impl Default for SingleNucleotideTokenizer {
 impl Tokenizer for SingleNucleotideTokenizer {
     fn encode(&self, seq: &str, max_len: Option<usize>) -> Vec<u32> {
         let body = seq.bytes().map(|b| single_id(&self.base_ids, b));
-        wrap_ids(body, self.vocab.specials(), max_len)
+        wrap_ids(body, self.vocab.specials(), max_len, Framing::ClsSep)
     }
 
     fn token_spans(&self, seq: &str) -> Vec<Option<(usize, usize)>> {
-        wrap_spans((0..seq.len()).map(|i| (i, i + 1)))
+        wrap_spans((0..seq.len()).map(|i| (i, i + 1)), Framing::ClsSep)
     }
 
     fn vocab_size(&self) -> usize {
@@ -383,21 +399,15 @@ mod tests {
         assert_eq!(tok.token_to_id("A"), Some(69));
         assert_eq!(tok.token_to_id("N"), Some(73));
         // ACG 16 | TAC 23 | tail G T -> 71 72.
-        assert_eq!(tok.encode("ACGTACGT", None), vec![2, 16, 23, 71, 72, 3]);
+        // <cls> and the tokens: no end token, as the Nucleotide Transformer encodes.
+        assert_eq!(tok.encode("ACGTACGT", None), vec![2, 16, 23, 71, 72]);
         assert_eq!(
             tok.token_spans("ACGTACGT"),
-            vec![
-                None,
-                Some((0, 3)),
-                Some((3, 6)),
-                Some((6, 7)),
-                Some((7, 8)),
-                None
-            ]
+            vec![None, Some((0, 3)), Some((3, 6)), Some((6, 7)), Some((7, 8)),]
         );
         // ACN holds N -> A C N base by base; GGG = 5 + 63 = 68; tail A.
-        assert_eq!(tok.encode("ACNGGGA", None), vec![2, 69, 70, 73, 68, 69, 3]);
-        assert_eq!(tok.encode("ACNGGGA", Some(5)), vec![2, 69, 70, 73, 3]);
+        assert_eq!(tok.encode("ACNGGGA", None), vec![2, 69, 70, 73, 68, 69]);
+        assert_eq!(tok.encode("ACNGGGA", Some(5)), vec![2, 69, 70, 73, 68]);
     }
 
     #[test]

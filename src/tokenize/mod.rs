@@ -37,9 +37,10 @@ impl SpecialTokens {
 
 /// A DNA tokenizer. Implementations are immutable, so one instance can be shared across threads.
 pub trait Tokenizer: Send + Sync {
-    /// Ids of one upper-case ACGTN sequence as `[CLS] tokens.. [SEP]`. When `max_len` is `Some(n)` the
-    /// result has at most `n` ids: `[CLS]` and `[SEP]` are kept and tokens are dropped from the end
-    /// (for `n < 2` only the first `n` of `[CLS] [SEP]` remain).
+    /// Ids of one upper-case ACGTN sequence as `[CLS] tokens.. [SEP]` (`<cls> tokens..` for the
+    /// Nucleotide Transformer's non-overlapping k-mers, which have no end token). When `max_len`
+    /// is `Some(n)` the result has at most `n` ids: the specials are kept and tokens are dropped
+    /// from the end (for `n` below the specials' count only the first `n` of them remain).
     fn encode(&self, seq: &str, max_len: Option<usize>) -> Vec<u32>;
     /// For every id of `encode(seq, None)`: the `[start, end)` base span it covers, `None` for special
     /// tokens. Used to map token importance back onto bases.
@@ -138,35 +139,57 @@ fn is_special_name(token: &str) -> bool {
     token.len() > 2 && (bracketed('[', ']') || bracketed('<', '>'))
 }
 
-/// `[CLS] body [SEP]`, with the body cut so the whole has at most `max_len` ids.
-fn wrap_ids(
-    body: impl Iterator<Item = u32>,
-    specials: SpecialTokens,
-    max_len: Option<usize>,
-) -> Vec<u32> {
-    match max_len {
-        Some(n) if n < 2 => [specials.cls, specials.sep][..n].to_vec(),
-        Some(n) => {
-            let mut ids = Vec::with_capacity(n.min(body.size_hint().0 + 2));
-            ids.push(specials.cls);
-            ids.extend(body.take(n - 2));
-            ids.push(specials.sep);
-            ids
-        }
-        None => {
-            let mut ids = vec![specials.cls];
-            ids.extend(body);
-            ids.push(specials.sep);
-            ids
+/// The special tokens around a sequence's tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// `[CLS] tokens [SEP]`: BERT, DNABERT, DNABERT-2.
+    ClsSep,
+    /// `<cls> tokens`, no end token: the Nucleotide Transformer (huggingface/transformers#22770
+    /// made ESM's tokenizer leave `<eos>` out for it).
+    ClsOnly,
+}
+
+impl Framing {
+    /// The special ids of an empty sequence, in order.
+    fn specials(self, s: SpecialTokens) -> Vec<u32> {
+        match self {
+            Framing::ClsSep => vec![s.cls, s.sep],
+            Framing::ClsOnly => vec![s.cls],
         }
     }
 }
 
-/// Spans of `[CLS] body [SEP]`, the specials covering no bases.
-fn wrap_spans(body: impl Iterator<Item = (usize, usize)>) -> Vec<Option<(usize, usize)>> {
+/// The body framed by `framing`, cut so the whole has at most `max_len` ids: the specials are
+/// kept (for a `max_len` below their count, only the first `max_len` of them).
+fn wrap_ids(
+    body: impl Iterator<Item = u32>,
+    specials: SpecialTokens,
+    max_len: Option<usize>,
+    framing: Framing,
+) -> Vec<u32> {
+    let framed = framing.specials(specials);
+    let n = max_len.unwrap_or(usize::MAX);
+    if n < framed.len() {
+        return framed[..n].to_vec();
+    }
+    let mut ids = vec![specials.cls];
+    ids.extend(body.take(n - framed.len()));
+    if framing == Framing::ClsSep {
+        ids.push(specials.sep);
+    }
+    ids
+}
+
+/// Spans of the framed body, the specials covering no bases.
+fn wrap_spans(
+    body: impl Iterator<Item = (usize, usize)>,
+    framing: Framing,
+) -> Vec<Option<(usize, usize)>> {
     let mut spans = vec![None];
     spans.extend(body.map(Some));
-    spans.push(None);
+    if framing == Framing::ClsSep {
+        spans.push(None);
+    }
     spans
 }
 
@@ -220,18 +243,31 @@ mod tests {
     }
 
     #[test]
-    fn encode_and_spans_agree_and_truncation_keeps_cls_and_sep() {
+    fn encode_and_spans_agree_and_truncation_keeps_the_specials() {
         let seq = "ACGTTGCAAGGCTTNACG";
         for tok in all_kinds() {
             let sp = tok.special_tokens();
             let ids = tok.encode(seq, None);
             let spans = tok.token_spans(seq);
             assert_eq!(ids.len(), spans.len(), "{}", tok.describe());
-            assert_eq!((ids[0], *ids.last().unwrap()), (sp.cls, sp.sep));
+            // Only the Nucleotide Transformer's k-mers go without an end token.
+            let nt = tok.describe().contains("Nucleotide Transformer");
+            let framed = tok.encode("", None);
+            assert_eq!(
+                framed,
+                if nt {
+                    vec![sp.cls]
+                } else {
+                    vec![sp.cls, sp.sep]
+                }
+            );
+            assert_eq!(ids[0], sp.cls);
+            assert_eq!(*ids.last().unwrap() == sp.sep, !nt, "{}", tok.describe());
             for (id, span) in ids.iter().zip(&spans) {
                 let special = *id == sp.cls || *id == sp.sep;
                 assert_eq!(span.is_none(), special, "{}: id {id}", tok.describe());
             }
+            let ends = framed.len() - 1;
             for n in 0..ids.len() + 3 {
                 let cut = tok.encode(seq, Some(n));
                 assert_eq!(
@@ -240,10 +276,12 @@ mod tests {
                     "{} max_len {n}",
                     tok.describe()
                 );
-                if n >= 2 {
+                if n < framed.len() {
+                    assert_eq!(cut, framed[..n]);
+                } else {
                     assert_eq!(cut[0], sp.cls);
-                    assert_eq!(*cut.last().unwrap(), sp.sep);
-                    assert_eq!(cut[1..cut.len() - 1], ids[1..cut.len() - 1]);
+                    assert_eq!(cut[cut.len() - ends..], framed[1..]);
+                    assert_eq!(cut[1..cut.len() - ends], ids[1..cut.len() - ends]);
                 }
             }
         }
