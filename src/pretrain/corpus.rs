@@ -74,11 +74,14 @@ pub fn build_streams(
     seed: u64,
 ) -> TokenStreams {
     let sep = tokenizer.special_tokens().sep;
+    // The specials around a sequence: [CLS] first, and [SEP] last unless the tokenizer has no
+    // end token (Nucleotide Transformer k-mers).
+    let trailing = tokenizer.encode("", None).len() - 1;
     let tokens: Vec<Vec<u32>> = stretches
         .par_iter()
         .map(|s| {
             let ids = tokenizer.encode(s, None);
-            ids[1..ids.len() - 1].to_vec()
+            ids[1..ids.len() - trailing].to_vec()
         })
         .collect();
     let mut order: Vec<usize> = (0..tokens.len()).collect();
@@ -129,6 +132,24 @@ mod tests {
         assert_eq!(read_corpus(&txt).unwrap(), vec!["ACGT", "GG", "CC"]);
         std::fs::write(&txt, "NNNN\n").unwrap();
         assert!(read_corpus(&txt).is_err());
+    }
+
+    #[test]
+    fn streams_keep_every_token_whatever_the_framing() {
+        // "ACGTAC" is 2 tokens of 3-mers, "GGGTT" 3 (GGG, T, T), under either framing; each
+        // stretch is followed by one [SEP].
+        let stretches = ["ACGTAC".to_string(), "GGGTT".to_string()];
+        let dnabert = crate::tokenize::KmerTokenizer::overlapping(3).unwrap();
+        let nt = crate::tokenize::KmerTokenizer::non_overlapping(3).unwrap();
+        let streams = build_streams(&stretches, &nt, 0.0, 1);
+        assert_eq!(streams.train.len(), 2 + 3 + 2);
+        let sep = nt.special_tokens().sep;
+        assert_eq!(streams.train.iter().filter(|&&t| t == sep).count(), 2);
+        // Overlapping 3-mers: 4 and 3 tokens.
+        assert_eq!(
+            build_streams(&stretches, &dnabert, 0.0, 1).train.len(),
+            4 + 3 + 2
+        );
     }
 
     #[test]
