@@ -456,23 +456,6 @@ fn init_model_nt_writes_an_esm_config_whose_token_ids_match_its_vocabulary() {
     let gate = &weights["esm.encoder.layer.0.intermediate.dense.weight"];
     assert_eq!(gate.dims(), &[96, 32]);
     assert!(!weights.contains_key("esm.encoder.layer.0.intermediate.dense.bias"));
-    // A Nucleotide Transformer cannot be pre-trained here; the error says so before any step.
-    let run = tmp.path().join("pre");
-    let corpus = repo_file("tests/fixtures/pretrain-slice.fa.gz");
-    assert_fails_with(
-        &dnatune(&[
-            "pretrain",
-            "--model",
-            s(&out),
-            "--corpus",
-            s(&corpus),
-            "--out",
-            s(&run),
-            "--max-steps",
-            "2",
-        ]),
-        &["pre-training ESM", "dnatune train"],
-    );
 }
 
 #[test]

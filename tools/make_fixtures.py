@@ -15,7 +15,8 @@ It writes, deterministically (fixed seeds, CPU):
   tests/fixtures/nested-state-dict/  a pytorch_model.bin whose state dict is nested and prefixed;
   tests/fixtures/tiny-esm/       transformers.EsmForSequenceClassification in the Nucleotide Transformer
                                  v1 layout (learned positions, token dropout) with an NT 3-mer vocab.txt;
-  tests/fixtures/tiny-nt-v2/     the same classes in the v2 layout (rotary, bias-free SwiGLU swapped in).
+  tests/fixtures/tiny-nt-v2/     the same classes in the v2 layout (rotary, bias-free SwiGLU swapped in);
+  tests/fixtures/tiny-nt-v2-mlm/ transformers.EsmForMaskedLM in the v2 layout with an untied decoder.
 The model directories get config.json, model.safetensors, pytorch_model.bin (torch.save of the same
 state_dict, zip format) and expected.json (inputs and float64 eval-mode logits rounded to float32).
 Before writing, the DNABERT-2 reference is cross-checked against a plain loop-based numpy forward.
@@ -84,6 +85,12 @@ KMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def kmer_vocab(k: int) -> list[str]:
     return KMER_SPECIALS + ["".join(p) for p in itertools.product("ATCG", repeat=k)]
+
+
+def write_vocab(directory: Path, vocab: list[str]) -> dict[str, int]:
+    """Writes `vocab.txt` (one token per line, the line number is the id); returns token -> id."""
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return {t: i for i, t in enumerate(vocab)}
 
 
 def perturb_(model: torch.nn.Module, generator: torch.Generator) -> None:
@@ -245,8 +252,7 @@ def make_tiny_bert() -> None:
     out = FIXTURES / "tiny-bert"
     out.mkdir(parents=True, exist_ok=True)
     vocab = kmer_vocab(3)
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    token = {t: i for i, t in enumerate(vocab)}
+    token = write_vocab(out, vocab)
 
     torch.manual_seed(20240602)
     generator = torch.Generator().manual_seed(20240602)
@@ -330,8 +336,7 @@ def make_tiny_esm(name: str, v2: bool, seed: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     k = 3
     vocab = nt_vocab(k)
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    token = {t: i for i, t in enumerate(vocab)}
+    token = write_vocab(out, vocab)
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -395,6 +400,52 @@ def make_tiny_esm(name: str, v2: bool, seed: int) -> None:
     print(f"{name}: logits {expected['logits']}")
 
 
+def make_tiny_nt_v2_mlm() -> None:
+    """transformers' EsmForMaskedLM in the v2 layout with an untied decoder (as the released v2
+    checkpoints: `tie_word_embeddings: false`), and its vocabulary logits at every position."""
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    out = FIXTURES / "tiny-nt-v2-mlm"
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = nt_vocab(3)
+    token = write_vocab(out, vocab)
+    torch.manual_seed(20240605)
+    generator = torch.Generator().manual_seed(20240605)
+    config = EsmConfig(
+        vocab_size=len(vocab), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        max_position_embeddings=40, layer_norm_eps=1e-12, position_embedding_type="rotary",
+        token_dropout=False, emb_layer_norm_before=False, pad_token_id=token["<pad>"],
+        mask_token_id=token["<mask>"], tie_word_embeddings=False,
+    )
+    model = EsmForMaskedLM(config)
+    use_swiglu(model, hidden=24, intermediate=40, bias=False, dropout=0.0)
+    perturb_(model, generator)
+    model.eval()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    assert "lm_head.decoder.weight" in state and not torch.equal(
+        state["lm_head.decoder.weight"], state["esm.embeddings.word_embeddings.weight"]
+    ), "the decoder must be untied"
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    raw = config.to_dict()
+    raw["add_bias_fnn"] = False
+    (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+    sequences = ["ACGTTGCAATGGA", "GGATCCATAC"]
+    rows = [nt_ids(seq, token, 3) for seq in sequences]
+    rows[0][2] = token["<mask>"]
+    width = max(len(r) for r in rows)
+    ids = [r + [token["<pad>"]] * (width - len(r)) for r in rows]
+    mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+    with torch.no_grad():
+        logits = model.double()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    # Real (unpadded) positions only, row by row: (tokens, vocab).
+    real = torch.cat([logits[b, : len(r)] for b, r in enumerate(rows)])
+    expected = {"input_ids": ids, "attention_mask": mask, "logits": round_f32(real)}
+    write_expected(out / "expected.json", expected)
+    print(f"tiny-nt-v2-mlm: {real.shape[0]} x {real.shape[1]} logits")
+
+
 def make_nested_checkpoint() -> None:
     """A training-script checkpoint: the state dict nested under "state_dict", DataParallel's
     "module." prefix, an f16 tensor and an int64 buffer. Values are exact in f16 so tests can
@@ -414,6 +465,7 @@ FIXTURE_MAKERS = {
     "nested-state-dict": make_nested_checkpoint,
     "tiny-esm": lambda: make_tiny_esm("tiny-esm", v2=False, seed=20240603),
     "tiny-nt-v2": lambda: make_tiny_esm("tiny-nt-v2", v2=True, seed=20240604),
+    "tiny-nt-v2-mlm": make_tiny_nt_v2_mlm,
 }
 
 

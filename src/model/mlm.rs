@@ -1,12 +1,14 @@
-//! The masked-language-model head of BERT and DNABERT-2: dense -> GELU -> LayerNorm -> a decoder
-//! whose weight is the word-embedding table itself (tied) plus its own bias. Keys follow Hugging
-//! Face: `cls.predictions.transform.dense`, `cls.predictions.transform.LayerNorm`,
-//! `cls.predictions.decoder.bias`.
+//! The masked-language-model head: dense -> GELU -> LayerNorm -> a decoder whose weight is the
+//! word-embedding table itself (tied) plus its own bias. Keys follow Hugging Face: for BERT and
+//! DNABERT-2 `cls.predictions.transform.dense`, `cls.predictions.transform.LayerNorm`,
+//! `cls.predictions.decoder.bias`; for ESM `lm_head.dense`, `lm_head.layer_norm`, `lm_head.bias`,
+//! and `lm_head.decoder.weight` when the config unties it (`tie_word_embeddings: false`, as the
+//! Nucleotide Transformer v2 checkpoints).
 
 use anyhow::Result;
 use candle_core::Tensor;
 
-use crate::model::config::ModelConfig;
+use crate::model::config::{Architecture, ModelConfig};
 use crate::model::layers::LayerNorm;
 use crate::model::params::{Init, ParamBuilder};
 use crate::model::Encoder;
@@ -17,41 +19,52 @@ pub struct MaskedLm {
     pub encoder: Encoder,
     transform: Linear,
     norm: LayerNorm,
+    /// The decoder's own weight (vocab, hidden); `None` when tied to the word embeddings.
+    decoder: Option<Tensor>,
     decoder_bias: Tensor,
 }
 
 /// Tensors a masked-LM model may create when its checkpoint lacks them (a fresh head).
 pub fn is_mlm_head(name: &str) -> bool {
-    name.starts_with("cls.predictions.")
+    name.starts_with("cls.predictions.") || name.starts_with("lm_head.")
+}
+
+/// The head's tensor names: (dense, LayerNorm, decoder weight, decoder bias).
+fn head_names(arch: Architecture) -> [&'static str; 4] {
+    match arch {
+        Architecture::Dnabert2 | Architecture::Bert => [
+            "cls.predictions.transform.dense",
+            "cls.predictions.transform.LayerNorm",
+            "cls.predictions.decoder.weight",
+            "cls.predictions.decoder.bias",
+        ],
+        Architecture::Esm => [
+            "lm_head.dense",
+            "lm_head.layer_norm",
+            "lm_head.decoder.weight",
+            "lm_head.bias",
+        ],
+    }
 }
 
 impl MaskedLm {
     pub fn build(b: &mut ParamBuilder, cfg: &ModelConfig) -> Result<Self> {
         let encoder = Encoder::build(b, cfg)?;
-        let h = cfg.hidden_size;
-        let transform = Linear::build(
-            b,
-            "cls.predictions.transform.dense",
-            h,
-            h,
-            true,
-            cfg.initializer_range,
-        )?;
-        let norm = LayerNorm::build(
-            b,
-            "cls.predictions.transform.LayerNorm",
-            h,
-            cfg.layer_norm_eps,
-        )?;
-        let decoder_bias = b.get(
-            "cls.predictions.decoder.bias",
-            &[cfg.vocab_size],
-            Init::Zeros,
-        )?;
+        let (h, std) = (cfg.hidden_size, cfg.initializer_range);
+        let [dense, norm, decoder, bias] = head_names(cfg.architecture);
+        let transform = Linear::build(b, dense, h, h, true, std)?;
+        let norm = LayerNorm::build(b, norm, h, cfg.layer_norm_eps)?;
+        let tied = cfg.raw.get("tie_word_embeddings") != Some(&serde_json::Value::Bool(false));
+        let decoder = match tied {
+            true => None,
+            false => Some(b.get(decoder, &[cfg.vocab_size, h], Init::Normal(std))?),
+        };
+        let decoder_bias = b.get(bias, &[cfg.vocab_size], Init::Zeros)?;
         Ok(MaskedLm {
             encoder,
             transform,
             norm,
+            decoder,
             decoder_bias,
         })
     }
@@ -70,8 +83,11 @@ impl MaskedLm {
         let picked = hidden.reshape(((), h))?.index_select(positions, 0)?;
         let x = crate::ops::gelu(&self.transform.forward(&picked, ctx)?)?;
         let x = self.norm.forward(&x)?;
-        x.matmul(&self.encoder.word_embeddings().t()?)?
-            .broadcast_add(&self.decoder_bias)
+        let decoder = self
+            .decoder
+            .as_ref()
+            .unwrap_or_else(|| self.encoder.word_embeddings());
+        x.matmul(&decoder.t()?)?.broadcast_add(&self.decoder_bias)
     }
 }
 

@@ -103,14 +103,21 @@ pub fn build_streams(
     }
 }
 
-/// `[CLS] stream[o .. o + len - 2] [SEP]` at a random offset `o`.
-pub fn random_window(stream: &[u32], len: usize, cls: u32, sep: u32, rng: &mut StdRng) -> Vec<u32> {
-    let body = (len - 2).min(stream.len());
+/// `len` tokens at a random offset `o`: `[CLS] stream[o ..] [SEP]`, or without an `end` token
+/// `<cls> stream[o ..]` (the Nucleotide Transformer's framing).
+pub fn random_window(
+    stream: &[u32],
+    len: usize,
+    cls: u32,
+    end: Option<u32>,
+    rng: &mut StdRng,
+) -> Vec<u32> {
+    let body = (len - 1 - usize::from(end.is_some())).min(stream.len());
     let start = rng.random_range(0..=stream.len() - body);
     let mut w = Vec::with_capacity(body + 2);
     w.push(cls);
     w.extend_from_slice(&stream[start..start + body]);
-    w.push(sep);
+    w.extend(end);
     w
 }
 
@@ -157,12 +164,16 @@ mod tests {
         let stream: Vec<u32> = (10..60).collect();
         let mut rng = StdRng::seed_from_u64(1);
         for _ in 0..100 {
-            let w = random_window(&stream, 12, 1, 2, &mut rng);
+            let w = random_window(&stream, 12, 1, Some(2), &mut rng);
             assert_eq!(w.len(), 12);
             assert_eq!((w[0], w[11]), (1, 2));
             assert!(w[1..11].windows(2).all(|p| p[1] == p[0] + 1), "{w:?}");
+            let w = random_window(&stream, 12, 1, None, &mut rng);
+            assert_eq!(w.len(), 12);
+            assert_eq!(w[0], 1);
+            assert!(w[1..].windows(2).all(|p| p[1] == p[0] + 1), "{w:?}");
         }
-        let short = random_window(&stream[..3], 12, 1, 2, &mut rng);
+        let short = random_window(&stream[..3], 12, 1, Some(2), &mut rng);
         assert_eq!(short, vec![1, 10, 11, 12, 2]);
     }
 }

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::model::checkpoint;
-use crate::model::config::{Architecture, ModelConfig};
+use crate::model::config::ModelConfig;
 use crate::model::mlm::{is_mlm_head, MaskedLm};
 use crate::model::params::{ParamBuilder, ParamStore, Trainable};
 use crate::ops::ForwardCtx;
@@ -227,12 +227,14 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
         streams.valid.len()
     );
     let special = tokenizer.special_tokens();
-    let body = cfg.seq_len - 2;
+    // Windows are framed as the tokenizer frames a sequence: [CLS] .. [SEP], or <cls> .. alone.
+    let end = tokenizer.encode("", None).get(1).copied();
+    let body = cfg.seq_len - 1 - usize::from(end.is_some());
     let valid_windows: Vec<Vec<u32>> = streams
         .valid
         .chunks(body)
         .take(cfg.valid_windows)
-        .map(|c| [&[special.cls][..], c, &[special.sep][..]].concat())
+        .map(|c| [&[special.cls][..], c, end.as_slice()].concat())
         .collect();
 
     // The model: a checkpoint's encoder (and MLM head, when it has one).
@@ -240,13 +242,6 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
     let (model_cfg, detection) =
         ModelConfig::from_dir(&cfg.model, weights.keys().map(String::as_str))?;
     println!("model: {} ({detection})", model_cfg.architecture);
-    if model_cfg.architecture == Architecture::Esm {
-        bail!(
-            "{}: pre-training ESM / Nucleotide Transformer models (their `lm_head`) is not \
-             supported; fine-tune them with `dnatune train`",
-            cfg.model.display()
-        );
-    }
     let weights = checkpoint::normalize_prefix(weights, model_cfg.architecture.weight_prefix())?;
     let mut builder = ParamBuilder::new(
         weights,
@@ -313,15 +308,7 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
     while state.step < cfg.max_steps {
         let mut rng = step_rng(cfg.seed, state.step, 0x7AA1);
         let windows: Vec<Vec<u32>> = (0..cfg.batch_size)
-            .map(|_| {
-                corpus::random_window(
-                    &streams.train,
-                    cfg.seq_len,
-                    special.cls,
-                    special.sep,
-                    &mut rng,
-                )
-            })
+            .map(|_| corpus::random_window(&streams.train, cfg.seq_len, special.cls, end, &mut rng))
             .collect();
         let (ids, mask, pos, targets) = masked_batch(
             &windows,
