@@ -603,11 +603,9 @@ impl BestSaver<'_> {
 
 /// Puts the best checkpoint's trainable tensors back into the model.
 fn restore_best(dir: &Path, method: Method, params: &ParamStore, device: &Device) -> Result<()> {
+    // The best checkpoint is dnatune's own, written under the model's own names.
     let tensors = match method {
-        Method::Full => model::checkpoint::normalize_prefix(
-            model::checkpoint::load_weights(dir, device)?.0,
-            "bert",
-        )?,
+        Method::Full => model::checkpoint::load_weights(dir, device)?.0,
         Method::Lora | Method::QloraInt8 | Method::QloraNf4 => {
             adapter::load_adapter(dir, device)?.tensors
         }
