@@ -456,6 +456,14 @@ fn init_model_nt_writes_an_esm_config_whose_token_ids_match_its_vocabulary() {
     let gate = &weights["esm.encoder.layer.0.intermediate.dense.weight"];
     assert_eq!(gate.dims(), &[96, 32]);
     assert!(!weights.contains_key("esm.encoder.layer.0.intermediate.dense.bias"));
+    // `inspect` says which ESM layout the config selects.
+    let out = dnatune(&["inspect", s(&out)]);
+    assert_ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("layout     rotary positions (theta 10000), SwiGLU without biases"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -108,6 +108,27 @@ impl EsmOptions {
     }
 }
 
+impl std::fmt::Display for EsmOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.positions {
+            Positions::Absolute => write!(f, "learned positions from {}", self.pad_token_id + 1)?,
+            Positions::Rotary => write!(f, "rotary positions (theta {})", self.rope_theta)?,
+        }
+        match self.feed_forward {
+            FeedForward::Gelu => f.write_str(", GELU feed-forward")?,
+            FeedForward::SwiGlu { bias: false } => f.write_str(", SwiGLU without biases")?,
+            FeedForward::SwiGlu { bias: true } => f.write_str(", SwiGLU with biases")?,
+        }
+        let on = |b: bool| if b { "on" } else { "off" };
+        write!(
+            f,
+            ", token dropout {}, embedding LayerNorm {}",
+            on(self.token_dropout),
+            on(self.emb_layer_norm_before)
+        )
+    }
+}
+
 struct Layer {
     attn_norm: LayerNorm,
     query: Linear,
@@ -279,5 +300,59 @@ impl EsmEncoder {
             x = (x + out)?;
         }
         self.final_norm.forward(&x)?.reshape((b, t, h))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(fields: serde_json::Value) -> Map<String, Value> {
+        let Value::Object(mut m) = json!({"pad_token_id": 1, "mask_token_id": 2}) else {
+            unreachable!()
+        };
+        m.extend(fields.as_object().unwrap().clone());
+        m
+    }
+
+    #[test]
+    fn options_follow_the_config_and_bad_fields_are_named() {
+        // transformers' own ESM config: learned positions, GELU.
+        let v1 = EsmOptions::from_config(&config(json!({"token_dropout": true}))).unwrap();
+        assert_eq!(v1.positions, Positions::Absolute);
+        assert_eq!(v1.feed_forward, FeedForward::Gelu);
+        assert_eq!(
+            v1.to_string(),
+            "learned positions from 2, GELU feed-forward, token dropout on, embedding LayerNorm off"
+        );
+        // The Nucleotide Transformer v2 config: rotary, `add_bias_fnn`, a null LayerNorm flag.
+        let v2 = EsmOptions::from_config(&config(json!({
+            "position_embedding_type": "rotary", "add_bias_fnn": false,
+            "emb_layer_norm_before": null, "rope_theta": 500.0
+        })))
+        .unwrap();
+        assert_eq!(v2.feed_forward, FeedForward::SwiGlu { bias: false });
+        assert!(v2
+            .to_string()
+            .starts_with("rotary positions (theta 500), SwiGLU without biases"));
+        for (fields, needle) in [
+            (
+                json!({"position_embedding_type": "relative_key"}),
+                "relative_key",
+            ),
+            (json!({"token_dropout": "yes"}), "token_dropout"),
+            (json!({"rope_theta": 0.5}), "rope_theta"),
+            (json!({"is_folding_model": true}), "ESMFold"),
+        ] {
+            let err = EsmOptions::from_config(&config(fields))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let mut no_pad = config(json!({}));
+        no_pad.remove("pad_token_id");
+        let err = EsmOptions::from_config(&no_pad).unwrap_err().to_string();
+        assert!(err.contains("pad_token_id"), "{err}");
     }
 }

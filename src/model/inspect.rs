@@ -66,6 +66,8 @@ pub struct Inspection {
     pub model_dir: String,
     pub architecture: String,
     pub detection: String,
+    /// What an ESM config selects (positions, feed-forward, token dropout); none for the others.
+    pub layout: Option<String>,
     pub config: serde_json::Value,
     pub num_labels: usize,
     pub modules: Vec<ModuleInfo>,
@@ -276,6 +278,12 @@ pub fn inspect(
         model_dir: dir.display().to_string(),
         architecture: loaded.config.architecture.to_string(),
         detection: loaded.detection.clone(),
+        layout: match loaded.config.architecture {
+            crate::model::config::Architecture::Esm => {
+                Some(crate::model::esm::EsmOptions::from_config(&loaded.config.raw)?.to_string())
+            }
+            _ => None,
+        },
         config: loaded.config.to_json(),
         num_labels: loaded.model.num_labels,
         modules,
@@ -309,6 +317,9 @@ pub fn render(ins: &Inspection, only: Option<Method>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "model      {}", ins.model_dir);
     let _ = writeln!(s, "arch       {} ({})", ins.architecture, ins.detection);
+    if let Some(layout) = &ins.layout {
+        let _ = writeln!(s, "layout     {layout}");
+    }
     if let Some(obj) = ins.config.as_object() {
         let cfg: Vec<String> = obj
             .iter()
