@@ -93,6 +93,12 @@ def write_vocab(directory: Path, vocab: list[str]) -> dict[str, int]:
     return {t: i for i, t in enumerate(vocab)}
 
 
+def pad_rows(rows: list[list[int]], pad: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Right-pads token rows to the longest: (input_ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    return [r + [pad] * (width - len(r)) for r in rows], [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+
+
 def perturb_(model: torch.nn.Module, generator: torch.Generator) -> None:
     """Draws every parameter away from its default so errors cannot hide in the fixture.
 
@@ -380,9 +386,7 @@ def make_tiny_esm(name: str, v2: bool, seed: int) -> None:
     rows = [nt_ids(seq, token, k) for seq in sequences]
     if not v2:
         rows[1][2] = token["<mask>"]
-    width = max(len(r) for r in rows)
-    ids = [r + [token["<pad>"]] * (width - len(r)) for r in rows]
-    mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+    ids, mask = pad_rows(rows, token["<pad>"])
     input_ids, attention_mask = torch.tensor(ids), torch.tensor(mask)
 
     reference = model.double()
@@ -434,9 +438,7 @@ def make_tiny_nt_v2_mlm() -> None:
     sequences = ["ACGTTGCAATGGA", "GGATCCATAC"]
     rows = [nt_ids(seq, token, 3) for seq in sequences]
     rows[0][2] = token["<mask>"]
-    width = max(len(r) for r in rows)
-    ids = [r + [token["<pad>"]] * (width - len(r)) for r in rows]
-    mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+    ids, mask = pad_rows(rows, token["<pad>"])
     with torch.no_grad():
         logits = model.double()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
     # Real (unpadded) positions only, row by row: (tokens, vocab).
