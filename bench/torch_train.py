@@ -79,42 +79,31 @@ def is_classic_bert(model_dir: Path) -> bool:
     return not is_esm(model_dir) and any(".attention.self.query." in k for k in tensor_names(model_dir))
 
 
-class Logits:
-    """Wraps a transformers classifier so it is called as `model(ids, mask)` and returns logits,
-    like the reference module."""
+def wrap_logits(model):
+    """A transformers classifier called as `model(ids, mask)` and returning logits, like the
+    reference module."""
+    import torch
 
-    @staticmethod
-    def wrap(model):
-        import torch
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
 
-        class Wrapped(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.model = inner
+        def forward(self, ids, mask):
+            return self.model(input_ids=ids, attention_mask=mask).logits
 
-            def forward(self, ids, mask):
-                return self.model(input_ids=ids, attention_mask=mask).logits
-
-        return Wrapped(model)
+    return Logits(model)
 
 
 def load_esm(model_dir: Path, device: str):
     """transformers' EsmForSequenceClassification with SDPA attention (the v2 SwiGLU block when the
     config asks for it) holding the checkpoint's encoder; the head starts random, as dnatune's."""
-    from safetensors.torch import load_file
-
     sys.path.insert(0, str(REPO / "tools" / "torch_reference"))
-    from nt_v2 import esm_classifier
+    from nt_v2 import load_esm_classifier
 
     config = json.loads((model_dir / "config.json").read_text())
-    model = esm_classifier(config, num_labels=2, attn_implementation="sdpa")
-    expected = set(model.state_dict())
-    state = {k: v for k, v in load_file(str(model_dir / "model.safetensors")).items() if k in expected}
-    missing = model.load_state_dict(state, strict=False).missing_keys
-    # The head, ESM's contact head and the rotary frequencies (a buffer) are not in the file.
-    if any(not k.startswith(("classifier.", "esm.contact_head.")) and not k.endswith("inv_freq") for k in missing):
-        raise SystemExit(f"{model_dir}/model.safetensors lacks encoder weights: {sorted(missing)}")
-    return Logits.wrap(model).to(device), config
+    model = load_esm_classifier(model_dir, num_labels=2, attn_implementation="sdpa")
+    return wrap_logits(model).to(device), config
 
 
 def load_classic_bert(model_dir: Path, device: str):
@@ -124,7 +113,7 @@ def load_classic_bert(model_dir: Path, device: str):
 
     bert = BertForSequenceClassification.from_pretrained(str(model_dir), num_labels=2, attn_implementation="sdpa")
     config = json.loads((model_dir / "config.json").read_text())
-    return Logits.wrap(bert).to(device), config
+    return wrap_logits(bert).to(device), config
 
 
 def lora_targets(model_dir: Path) -> list[str]:

@@ -318,12 +318,21 @@ pub fn gated_gelu(x: &Tensor) -> Result<Tensor> {
     if fused_for(x) {
         return fused::gated_gelu(x);
     }
+    let (gate, value) = halves(x, "gated GELU")?;
+    gate.gelu_erf()? * value
+}
+
+/// The first and second halves of the last dimension, for the gated activations' compositions.
+fn halves(x: &Tensor, what: &str) -> Result<(Tensor, Tensor)> {
     let width = x.dim(D::Minus1)?;
     if width % 2 != 0 {
-        candle_core::bail!("gated GELU needs an even last dimension, got {width}");
+        candle_core::bail!("{what} needs an even last dimension, got {width}");
     }
     let half = width / 2;
-    x.narrow(D::Minus1, 0, half)?.gelu_erf()? * x.narrow(D::Minus1, half, half)?
+    Ok((
+        x.narrow(D::Minus1, 0, half)?,
+        x.narrow(D::Minus1, half, half)?,
+    ))
 }
 
 /// The Nucleotide Transformer v2's MLP activation: SiLU of the first half of the last dimension
@@ -332,12 +341,8 @@ pub fn swiglu(x: &Tensor) -> Result<Tensor> {
     if fused_for(x) {
         return fused::swiglu(x);
     }
-    let width = x.dim(D::Minus1)?;
-    if width % 2 != 0 {
-        candle_core::bail!("SwiGLU needs an even last dimension, got {width}");
-    }
-    let half = width / 2;
-    x.narrow(D::Minus1, 0, half)?.silu()? * x.narrow(D::Minus1, half, half)?
+    let (gate, value) = halves(x, "SwiGLU")?;
+    gate.silu()? * value
 }
 
 /// Rotary position embeddings (RoFormer, as ESM applies them) on the first `cols` columns of `x`

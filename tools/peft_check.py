@@ -73,17 +73,11 @@ def build_esm(base: Path, adapter: Path) -> torch.nn.Module:
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(ROOT / "tools" / "torch_reference"))
-    from nt_v2 import esm_classifier
+    from nt_v2 import load_esm_classifier
 
-    config = json.loads((base / "config.json").read_text())
     head = load_file(str(adapter / "adapter_model.safetensors"))
     labels = next(t.shape[0] for k, t in head.items() if k.endswith("classifier.out_proj.weight"))
-    model = esm_classifier(config, num_labels=labels)
-    state = {k: v for k, v in load_file(str(base / "model.safetensors")).items() if k in model.state_dict()}
-    missing = model.load_state_dict(state, strict=False).missing_keys
-    if any(not k.startswith(("classifier.", "esm.contact_head.")) and not k.endswith("inv_freq") for k in missing):
-        raise SystemExit(f"base weights do not fit the ESM module: missing {missing}")
-    return model.eval()
+    return load_esm_classifier(base, num_labels=labels).eval()
 
 
 def nt_rows(vocab_txt: Path, seqs: list[str], max_len: int) -> tuple[list[list[int]], int]:

@@ -30,7 +30,7 @@ pub fn is_mlm_head(name: &str) -> bool {
 }
 
 /// The head's tensor names: (dense, LayerNorm, decoder weight, decoder bias).
-fn head_names(arch: Architecture) -> [&'static str; 4] {
+fn mlm_head_names(arch: Architecture) -> [&'static str; 4] {
     match arch {
         Architecture::Dnabert2 | Architecture::Bert => [
             "cls.predictions.transform.dense",
@@ -51,7 +51,7 @@ impl MaskedLm {
     pub fn build(b: &mut ParamBuilder, cfg: &ModelConfig) -> Result<Self> {
         let encoder = Encoder::build(b, cfg)?;
         let (h, std) = (cfg.hidden_size, cfg.initializer_range);
-        let [dense, norm, decoder, bias] = head_names(cfg.architecture);
+        let [dense, norm, decoder, bias] = mlm_head_names(cfg.architecture);
         let transform = Linear::build(b, dense, h, h, true, std)?;
         let norm = LayerNorm::build(b, norm, h, cfg.layer_norm_eps)?;
         let tied = cfg.raw.get("tie_word_embeddings") != Some(&serde_json::Value::Bool(false));

@@ -8,9 +8,13 @@ module supplies that block and builds the classifier from a dnatune or NT `confi
 test fixtures (tools/make_fixtures.py) and the PyTorch side of `bench/race` use one definition.
 
     model = esm_classifier(json.load(open("config.json")), num_labels=2)
+    model = load_esm_classifier(Path("model_dir"), num_labels=2)   # with the encoder's weights
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -64,4 +68,20 @@ def esm_classifier(config: dict, num_labels: int, attn_implementation: str = "ea
             bool(config["add_bias_fnn"]),
             config.get("hidden_dropout_prob", 0.0),
         )
+    return model
+
+
+def load_esm_classifier(model_dir: Path, num_labels: int, attn_implementation: str = "eager"):
+    """`esm_classifier` for `model_dir/config.json` holding the encoder of `model.safetensors`. The
+    head starts random (a base carries none); ESM's contact head and the rotary frequencies (a
+    buffer) may be absent too; any other missing tensor is an error."""
+    from safetensors.torch import load_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    model = esm_classifier(config, num_labels, attn_implementation)
+    expected = set(model.state_dict())
+    state = {k: v for k, v in load_file(str(model_dir / "model.safetensors")).items() if k in expected}
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    if any(not k.startswith(("classifier.", "esm.contact_head.")) and not k.endswith("inv_freq") for k in missing):
+        raise SystemExit(f"{model_dir}/model.safetensors lacks encoder weights: {sorted(missing)}")
     return model
