@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dnatune::train::config::{Method, TrainConfig};
+use dnatune::train::config::{ClassWeights, Method, TrainConfig};
 
 mod common;
 use common::step_losses;
@@ -117,6 +117,130 @@ fn small_model_learns_tf_binding_and_writes_its_outputs() {
     ]);
     let evaluated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!((evaluated["mcc"].as_f64().unwrap() - test["mcc"].as_f64().unwrap()).abs() < 1e-9);
+    strand_averaged_calls_do_not_depend_on_the_strand(&run.join("best"), tmp.path());
+}
+
+/// The complementary strand, read 5' to 3' (written here, apart from the crate's own).
+fn other_strand(seq: &str) -> String {
+    seq.chars()
+        .rev()
+        .map(|b| match b {
+            'A' => 'T',
+            'C' => 'G',
+            'G' => 'C',
+            'T' => 'A',
+            other => other,
+        })
+        .collect()
+}
+
+/// `predict --average-strands` gives a sequence and its reverse complement the same
+/// probabilities, the mean of the two one-strand predictions; the trained model alone does not.
+fn strand_averaged_calls_do_not_depend_on_the_strand(model: &Path, dir: &Path) {
+    let text = std::fs::read_to_string(repo("data/gue-tf0/test.csv")).unwrap();
+    let seqs: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .take(200)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    let forward = dir.join("forward.csv");
+    let reverse = dir.join("reverse.csv");
+    let csv = |rows: Vec<String>| format!("sequence\n{}\n", rows.join("\n"));
+    std::fs::write(&forward, csv(seqs.iter().map(|q| q.to_string()).collect())).unwrap();
+    std::fs::write(
+        &reverse,
+        csv(seqs.iter().map(|q| other_strand(q)).collect()),
+    )
+    .unwrap();
+    let predict = |input: &Path, name: &str, both: bool| {
+        let out = dir.join(name);
+        let mut args = vec!["predict", "--model", model.to_str().unwrap()];
+        args.extend([
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        args.extend(["--max-length", "64"]);
+        if both {
+            args.push("--average-strands");
+        }
+        dnatune(&args);
+        probabilities(&out)
+    };
+    let one_strand = [
+        predict(&forward, "f.csv", false),
+        predict(&reverse, "r.csv", false),
+    ];
+    let both_strands = [
+        predict(&forward, "fb.csv", true),
+        predict(&reverse, "rb.csv", true),
+    ];
+    let largest = |a: &[Vec<f64>], b: &[Vec<f64>]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x[1] - y[1]).abs())
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        largest(&one_strand[0], &one_strand[1]) > 1e-2,
+        "the model alone already scores both strands alike: the check below would prove nothing"
+    );
+    assert!(largest(&both_strands[0], &both_strands[1]) < 2e-6);
+    let mean: Vec<Vec<f64>> = one_strand[0]
+        .iter()
+        .zip(&one_strand[1])
+        .map(|(f, r)| f.iter().zip(r).map(|(a, b)| 0.5 * (a + b)).collect())
+        .collect();
+    assert!(largest(&both_strands[0], &mean) < 2e-6);
+}
+
+/// Class weights enter the loss as a weighted mean over the accumulated batch: the same weight on
+/// every class changes nothing, and weighing one class up makes the model call it more often.
+#[test]
+fn class_weights_form_a_weighted_mean_that_shifts_the_calls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_tiny(&model, "32");
+    // eps = 1 makes AdamW's step follow the gradient's scale, so a loss divided by the wrong
+    // total (the count of sequences instead of their weights) changes the curve.
+    let run = |name: &str, weights: Option<[f64; 2]>| {
+        let cfg = TrainConfig {
+            model: model.clone(),
+            data: repo("data/gue-tf0"),
+            out: tmp.path().join(name),
+            method: Method::Full,
+            max_steps: 30,
+            log_every: 1,
+            lr: Some(1e-2),
+            eps: 1.0,
+            batch_size: 16,
+            grad_accum: 2,
+            max_train_samples: Some(480),
+            max_length: 48,
+            class_weights: weights.map(|w| ClassWeights::Given(w.to_vec())),
+            ..TrainConfig::default()
+        };
+        dnatune::train::run(&cfg, false).unwrap();
+        cfg.out
+    };
+    let unweighted = step_losses(&run("unweighted", None));
+    let uniform = step_losses(&run("uniform", Some([2.5, 2.5])));
+    assert_eq!(unweighted.len(), 30);
+    for (step, (u, w)) in unweighted.iter().zip(&uniform).enumerate() {
+        assert!((u - w).abs() < 1e-4 * u.abs(), "step {step}: {u} vs {w}");
+    }
+    let called_1 = |run: &Path| {
+        let probs = probabilities(&run.join("test_predictions.csv"));
+        probs.iter().filter(|p| p[1] > p[0]).count() as f64 / probs.len() as f64
+    };
+    let favour_1 = called_1(&run("favour-1", Some([1.0, 4.0])));
+    let favour_0 = called_1(&run("favour-0", Some([4.0, 1.0])));
+    assert!(
+        favour_1 > favour_0 + 0.3,
+        "class 1 called on {favour_1} of the test set with weights 1,4 and on {favour_0} with 4,1"
+    );
 }
 
 fn train_args<'a>(model: &'a str, run: &'a str) -> Vec<&'a str> {

@@ -14,7 +14,7 @@ use crate::peft::adapter;
 use crate::peft::bf16::Precision;
 use crate::peft::quant::QuantKind;
 use crate::tokenize::{self, Tokenizer};
-use crate::train::config::{Method, Scheduler, SplitKind, TrainConfig};
+use crate::train::config::{ClassWeights, Method, Scheduler, SplitKind, TrainConfig};
 use crate::train::{self, bench};
 
 #[derive(Parser)]
@@ -45,7 +45,7 @@ enum Command {
     /// Fine-tune a model on labelled sequences.
     Train(Box<TrainArgs>),
     /// Predict classes for sequences in a CSV/TSV/FASTA file.
-    Predict(PredictArgs),
+    Predict(PredictCmdArgs),
     /// Evaluate a model on a labelled file.
     Eval(EvalArgs),
     /// Explain predictions: each base's effect on the call (in-silico mutagenesis) and the
@@ -281,8 +281,16 @@ struct TrainArgs {
     /// Comma-separated module-name patterns to adapt.
     #[arg(long, value_delimiter = ',')]
     lora_targets: Option<Vec<String>>,
+    /// Add the reverse complement of every training sequence.
     #[arg(long)]
     reverse_complement: bool,
+    /// Score dev and test sequences on both strands and average the class probabilities.
+    #[arg(long)]
+    average_strands: bool,
+    /// Weigh the loss by class: `balanced` (inverse class frequency on the training split) or
+    /// one weight per class, e.g. `1,4`.
+    #[arg(long)]
+    class_weights: Option<ClassWeights>,
     #[arg(long)]
     skip_invalid: bool,
     #[arg(long)]
@@ -367,7 +375,18 @@ struct PredictArgs {
     out: PathBuf,
 }
 
-/// `predict`'s arguments, with `--out` a directory, and the explanation's own.
+/// `predict`'s own arguments.
+#[derive(Args)]
+struct PredictCmdArgs {
+    #[command(flatten)]
+    io: PredictArgs,
+    /// Score each sequence and its reverse complement and average their class probabilities
+    /// (twice the work; a call then does not depend on the strand a sequence is written on).
+    #[arg(long)]
+    average_strands: bool,
+}
+
+/// `predict`'s input and output, with `--out` a directory, and the explanation's own.
 #[derive(Args)]
 struct ExplainArgs {
     #[command(flatten)]
@@ -398,6 +417,9 @@ struct EvalArgs {
     model: ModelArgs,
     #[arg(long)]
     data: PathBuf,
+    /// Score each sequence and its reverse complement and average their class probabilities.
+    #[arg(long)]
+    average_strands: bool,
     /// Print the metrics as JSON.
     #[arg(long)]
     json: bool,
@@ -763,6 +785,10 @@ fn train_cmd(a: TrainArgs, device: Option<&str>) -> Result<()> {
         cfg.device = d.to_string();
     }
     cfg.reverse_complement |= a.reverse_complement;
+    cfg.average_strands |= a.average_strands;
+    if a.class_weights.is_some() {
+        cfg.class_weights = a.class_weights.clone();
+    }
     cfg.skip_invalid |= a.skip_invalid;
     match &a.seeds {
         Some(seeds) => {
@@ -828,21 +854,27 @@ fn report_skipped(ds: &data::Dataset, path: &Path) {
     }
 }
 
-fn predict(a: PredictArgs, device: Option<&str>) -> Result<()> {
+fn predict(cmd: PredictCmdArgs, device: Option<&str>) -> Result<()> {
+    let a = &cmd.io;
     let device = chosen_device(device)?;
     let (loaded, tokenizer) = load_for_inference(&a.model, &device)?;
     let ds = data::read_records(&a.input, &read_opts(&a.model, LabelPolicy::Optional))?;
     report_skipped(&ds, &a.input);
-    let ids = train::encode_all(&ds.records, tokenizer.as_ref(), a.model.max_length);
-    let bar = indicatif::ProgressBar::new(ids.len() as u64);
-    let probs = train::predict(
+    let max_len = a.model.max_length;
+    let ids = train::encode_all(&ds.records, tokenizer.as_ref(), max_len);
+    let reverse = cmd
+        .average_strands
+        .then(|| train::encode_reverse(&ds.records, tokenizer.as_ref(), max_len));
+    let strands = if reverse.is_some() { 2 } else { 1 };
+    let bar = indicatif::ProgressBar::new((strands * ids.len()) as u64);
+    let probs = train::predict_strands(
         &loaded.model,
         &ids,
+        reverse.as_deref(),
         tokenizer.special_tokens().pad,
         a.model.batch_size,
         &device,
         Some(&bar),
-        train::Scores::Probabilities,
     )?;
     bar.finish_and_clear();
     train::write_predictions(&a.out, &ds.records, &probs, loaded.model.num_labels, false)?;
@@ -933,6 +965,9 @@ fn eval_cmd(a: EvalArgs, device: Option<&str>) -> Result<()> {
     let ds = data::read_records(&a.data, &read_opts(&a.model, LabelPolicy::Required))?;
     report_skipped(&ds, &a.data);
     let ids = train::encode_all(&ds.records, tokenizer.as_ref(), a.model.max_length);
+    let reverse = a
+        .average_strands
+        .then(|| train::encode_reverse(&ds.records, tokenizer.as_ref(), a.model.max_length));
     let labels: Vec<usize> = ds
         .records
         .iter()
@@ -950,6 +985,7 @@ fn eval_cmd(a: EvalArgs, device: Option<&str>) -> Result<()> {
     let (metrics, _) = train::evaluate(
         &loaded.model,
         &ids,
+        reverse.as_deref(),
         &labels,
         tokenizer.special_tokens().pad,
         a.model.batch_size,

@@ -79,6 +79,79 @@ pub enum SplitKind {
     Chromosome,
 }
 
+/// How the training loss weighs the classes (as `torch.nn.CrossEntropyLoss(weight=...)`: each
+/// sequence's loss times its class's weight, divided by the batch's sum of those weights).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClassWeights {
+    /// Inverse class frequency on the training split, `n / (classes * n_class)` (scikit-learn's
+    /// "balanced"), so every class carries the same total weight.
+    Balanced,
+    /// One positive weight per class, in class order.
+    Given(Vec<f64>),
+}
+
+impl std::str::FromStr for ClassWeights {
+    type Err = String;
+
+    /// `balanced`, or comma-separated weights such as `1,4.5`.
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        if text.trim() == "balanced" {
+            return Ok(ClassWeights::Balanced);
+        }
+        let weights = text
+            .split(',')
+            .map(|w| {
+                w.trim().parse::<f64>().map_err(|_| {
+                    format!(
+                        "class weights must be `balanced` or numbers such as `1,4.5`, got `{text}`"
+                    )
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        ClassWeights::Given(weights).checked()
+    }
+}
+
+impl ClassWeights {
+    fn checked(self) -> std::result::Result<Self, String> {
+        if let ClassWeights::Given(w) = &self {
+            if w.is_empty() || w.iter().any(|&x| !(x.is_finite() && x > 0.0)) {
+                return Err(format!("class weights must be positive numbers, got {w:?}"));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// TOML: `class_weights = "balanced"` or `class_weights = [1.0, 4.5]`.
+impl Serialize for ClassWeights {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            ClassWeights::Balanced => s.serialize_str("balanced"),
+            ClassWeights::Given(w) => w.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClassWeights {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            List(Vec<f64>),
+        }
+        let raw = Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("class_weights must be \"balanced\" or a list of numbers")
+        })?;
+        match raw {
+            Raw::Text(t) => t.parse(),
+            Raw::List(w) => ClassWeights::Given(w).checked(),
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
+
 /// How a single input file is split (a GUE directory is used as it is).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -173,6 +246,12 @@ pub struct TrainConfig {
     pub attention_dropout: Option<f64>,
     /// Add the reverse complement of every training sequence.
     pub reverse_complement: bool,
+    /// Score dev and test sequences on both strands (each sequence and its reverse complement)
+    /// and average the class probabilities.
+    pub average_strands: bool,
+    /// Weigh the training loss by class (none: every sequence counts the same).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_weights: Option<ClassWeights>,
     pub bucket_by_length: bool,
     /// Train on a seeded random subset of this many training sequences.
     pub max_train_samples: Option<usize>,
@@ -219,6 +298,8 @@ impl Default for TrainConfig {
             hidden_dropout: None,
             attention_dropout: None,
             reverse_complement: false,
+            average_strands: false,
+            class_weights: None,
             bucket_by_length: true,
             max_train_samples: None,
             sequence_column: "sequence".into(),
@@ -348,6 +429,38 @@ mod tests {
             .learning_rate(),
             5e-4
         );
+    }
+
+    #[test]
+    fn class_weights_read_from_toml_and_flags_and_round_trip() {
+        for (toml_text, want) in [
+            ("class_weights = \"balanced\"\n", ClassWeights::Balanced),
+            (
+                "class_weights = [1.0, 4.5]\n",
+                ClassWeights::Given(vec![1.0, 4.5]),
+            ),
+        ] {
+            let cfg: TrainConfig = toml::from_str(toml_text).unwrap();
+            assert_eq!(cfg.class_weights.as_ref(), Some(&want));
+            let back: TrainConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+            assert_eq!(back, cfg);
+        }
+        assert_eq!("1,4.5".parse(), Ok(ClassWeights::Given(vec![1.0, 4.5])));
+        assert_eq!("balanced".parse(), Ok(ClassWeights::Balanced));
+        assert!(!TrainConfig::default()
+            .to_toml()
+            .unwrap()
+            .contains("class_weights"));
+        for bad in ["class_weights = \"even\"\n", "class_weights = [1.0, 0.0]\n"] {
+            let err = toml::from_str::<TrainConfig>(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("class_weights") || err.contains("class weights"),
+                "{err}"
+            );
+        }
+        for bad in ["1,-2", "1,x", "", "nan,1"] {
+            assert!(bad.parse::<ClassWeights>().is_err(), "`{bad}` accepted");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod loss;
 pub mod optim;
 mod state;
 
@@ -90,24 +91,60 @@ pub fn predict(
     Ok(out)
 }
 
-/// Metrics (with mean cross-entropy as `loss`) of `model` on labelled sequences.
+/// Class probabilities (row-major N x C) of `forward`; with `reverse` (the ids of the same
+/// sequences' reverse complements, in the same order) the mean of both strands' probabilities, so
+/// a call does not depend on which strand a sequence was written on.
+pub fn predict_strands(
+    model: &SequenceClassifier,
+    forward: &[Vec<u32>],
+    reverse: Option<&[Vec<u32>]>,
+    pad_id: u32,
+    batch_size: usize,
+    device: &Device,
+    progress: Option<&ProgressBar>,
+) -> Result<Vec<f32>> {
+    let scores = Scores::Probabilities;
+    let mut probs = predict(model, forward, pad_id, batch_size, device, progress, scores)?;
+    if let Some(reverse) = reverse {
+        anyhow::ensure!(
+            reverse.len() == forward.len(),
+            "{} reverse-strand sequences for {} forward ones",
+            reverse.len(),
+            forward.len()
+        );
+        let other = predict(model, reverse, pad_id, batch_size, device, progress, scores)?;
+        for (p, q) in probs.iter_mut().zip(other) {
+            *p = 0.5 * (*p + q);
+        }
+    }
+    Ok(probs)
+}
+
+/// Token ids of the reverse complements of `records`' sequences.
+pub fn encode_reverse(
+    records: &[Record],
+    tokenizer: &dyn Tokenizer,
+    max_len: usize,
+) -> Vec<Vec<u32>> {
+    use rayon::prelude::*;
+    records
+        .par_iter()
+        .map(|r| tokenizer.encode(&data::reverse_complement(&r.seq), Some(max_len)))
+        .collect()
+}
+
+/// Metrics (with mean cross-entropy as `loss`) of `model` on labelled sequences, scored on one
+/// strand or, with `reverse`, averaged over both (see [`predict_strands`]).
 pub fn evaluate(
     model: &SequenceClassifier,
     sequences: &[Vec<u32>],
+    reverse: Option<&[Vec<u32>]>,
     labels: &[usize],
     pad_id: u32,
     batch_size: usize,
     device: &Device,
 ) -> Result<(Metrics, Vec<f32>)> {
-    let probs = predict(
-        model,
-        sequences,
-        pad_id,
-        batch_size,
-        device,
-        None,
-        Scores::Probabilities,
-    )?;
+    let probs = predict_strands(model, sequences, reverse, pad_id, batch_size, device, None)?;
     let c = model.num_labels;
     let mut metrics = eval::compute_metrics(labels, &probs, c);
     let loss: f64 = labels
@@ -120,10 +157,12 @@ pub fn evaluate(
     Ok((metrics, probs))
 }
 
-/// A split's records, ids and labels.
+/// A split's records, ids and labels; `reverse`: the ids of the reverse complements, when the
+/// split is scored on both strands.
 struct SplitData {
     records: Vec<Record>,
     ids: Vec<Vec<u32>>,
+    reverse: Option<Vec<Vec<u32>>>,
     labels: Vec<usize>,
 }
 
@@ -131,6 +170,7 @@ fn prepare_split(
     records: Vec<Record>,
     tokenizer: &dyn Tokenizer,
     max_len: usize,
+    both_strands: bool,
     what: &str,
 ) -> Result<SplitData> {
     let labels = records
@@ -141,9 +181,11 @@ fn prepare_split(
         })
         .collect::<Result<Vec<_>>>()?;
     let ids = encode_all(&records, tokenizer, max_len);
+    let reverse = both_strands.then(|| encode_reverse(&records, tokenizer, max_len));
     Ok(SplitData {
         records,
         ids,
+        reverse,
         labels,
     })
 }
@@ -230,9 +272,10 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     }
     let tokenizer = load_tokenizer(&cfg.model)?;
     let pad = tokenizer.special_tokens().pad;
-    let train = prepare_split(splits.train, tokenizer.as_ref(), cfg.max_length, "train")?;
-    let dev = prepare_split(splits.dev, tokenizer.as_ref(), cfg.max_length, "dev")?;
-    let test = prepare_split(splits.test, tokenizer.as_ref(), cfg.max_length, "test")?;
+    let (max_len, both) = (cfg.max_length, cfg.average_strands);
+    let train = prepare_split(splits.train, tokenizer.as_ref(), max_len, false, "train")?;
+    let dev = prepare_split(splits.dev, tokenizer.as_ref(), max_len, both, "dev")?;
+    let test = prepare_split(splits.test, tokenizer.as_ref(), max_len, both, "test")?;
     let num_labels = train
         .labels
         .iter()
@@ -251,6 +294,14 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         tokenizer.describe(),
         mean_tokens
     );
+    let class_weights = loss::class_weights(cfg.class_weights.as_ref(), &train.labels, num_labels)?;
+    if cfg.class_weights.is_some() {
+        let shown: Vec<String> = class_weights.iter().map(|w| format!("{w:.3}")).collect();
+        println!("class weights in the loss: {}", shown.join(", "));
+    }
+    if cfg.average_strands {
+        println!("dev and test: class probabilities averaged over both strands");
+    }
 
     // Model.
     let lora = match cfg.method {
@@ -375,18 +426,28 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         while state.micro_in_epoch < plan.len() && state.step < total_steps {
             let group_end = (state.micro_in_epoch + cfg.grad_accum).min(plan.len());
             let group = &plan[state.micro_in_epoch..group_end];
-            let group_seqs: usize = group.iter().map(Vec::len).sum();
+            let group_weight: f64 = group
+                .iter()
+                .flatten()
+                .map(|&i| class_weights[train.labels[i]])
+                .sum();
             let mut grads: HashMap<String, Tensor> = HashMap::new();
             for (m, micro) in group.iter().enumerate() {
                 let batch = collate(micro, &train.ids, pad);
                 let (ids, mask) = batch_tensors(&batch, &device)?;
                 let labels: Vec<u32> = micro.iter().map(|&i| train.labels[i] as u32).collect();
+                let weights: Vec<f32> = labels
+                    .iter()
+                    .map(|&y| class_weights[y as usize] as f32)
+                    .collect();
+                let micro_weight: f64 = weights.iter().map(|&w| w as f64).sum();
                 let labels = Tensor::from_vec(labels, micro.len(), &device)?;
+                let weights = Tensor::from_vec(weights, micro.len(), &device)?;
                 let ctx = ForwardCtx::train(mix_seed(cfg.seed, state.step, m));
                 let logits = model.forward(&ids, &mask, &ctx)?;
-                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-                let weighted = (&loss * (micro.len() as f64 / group_seqs as f64))?;
-                let store = weighted.backward()?;
+                // The group's weighted mean loss is the sum over its micro-batches of these.
+                let nll_sum = loss::weighted_nll_sum(&logits, &labels, &weights)?;
+                let store = (&nll_sum / group_weight)?.backward()?;
                 for (name, g) in params.gradients(&store) {
                     let sum = match grads.remove(&name) {
                         Some(acc) => (acc + g)?,
@@ -394,7 +455,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                     };
                     grads.insert(name, sum);
                 }
-                window.0 += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                window.0 += nll_sum.to_dtype(DType::F64)?.to_scalar::<f64>()? / micro_weight;
                 window.1 += 1;
                 window.2 += micro.len();
             }
@@ -436,6 +497,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                 let (metrics, _) = evaluate(
                     &model,
                     &dev.ids,
+                    dev.reverse.as_deref(),
                     &dev.labels,
                     pad,
                     cfg.eval_batch_size,
@@ -506,6 +568,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     let (test_metrics, test_probs) = evaluate(
         &model,
         &test.ids,
+        test.reverse.as_deref(),
         &test.labels,
         pad,
         cfg.eval_batch_size,
