@@ -439,16 +439,17 @@ fn init_model_nt_writes_an_esm_config_whose_token_ids_match_its_vocabulary() {
     ]));
     let vocab = fs::read_to_string(out.join("vocab.txt")).unwrap();
     let tokens: Vec<&str> = vocab.lines().collect();
-    // Five specials, the 256 4-mers, then A C G T N for tails: non-overlapping k-mers.
-    assert_eq!(tokens.len(), 5 + 256 + 5);
+    // The NT layout: six specials, the 256 4-mers, then A T C G N for tails.
+    assert_eq!(tokens.len(), 6 + 256 + 5);
+    assert_eq!(&tokens[..6], ["<unk>", "<pad>", "<mask>", "<cls>", "<eos>", "<bos>"]);
     let config: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["model_type"], "esm");
     assert_eq!(config["position_embedding_type"], "rotary");
     assert_eq!(config["add_bias_fnn"], false);
     let id = |field: &str| config[field].as_u64().unwrap() as usize;
-    assert_eq!(tokens[id("pad_token_id")], "[PAD]");
-    assert_eq!(tokens[id("mask_token_id")], "[MASK]");
+    assert_eq!(tokens[id("pad_token_id")], "<pad>");
+    assert_eq!(tokens[id("mask_token_id")], "<mask>");
     let weights =
         candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
             .unwrap();

@@ -11,6 +11,10 @@ use super::{wrap_ids, wrap_spans, Framing, SpecialTokens, Tokenizer};
 /// DNABERT's vocab.txt starts with these, in this order (ids 0..4); dnatune's own vocabularies reuse it.
 const BUILT_IN_SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 
+/// The Nucleotide Transformer's vocab.txt starts with these (ids 0..=5), the names transformers'
+/// `EsmTokenizer` looks for.
+const NT_SPECIALS: [&str; 6] = ["<unk>", "<pad>", "<mask>", "<cls>", "<eos>", "<bos>"];
+
 /// Base order of DNABERT's published k-mer lists (`itertools.product("ATCG", repeat=k)`), so a
 /// built-in vocabulary matches the ids of DNABERT checkpoints.
 const DNABERT_BASE_ORDER: [char; 4] = ['A', 'T', 'C', 'G'];
@@ -86,17 +90,19 @@ impl KmerTokenizer {
         Ok(Self::from_vocab(vocab, k, true, "built in".into()))
     }
 
-    /// Nucleotide-Transformer-style non-overlapping k-mers with a fresh vocabulary (specials, the 4^k
-    /// k-mers, then A C G T N for tails and k-mers holding N); k in 2..=8.
+    /// Nucleotide-Transformer-style non-overlapping k-mers with a fresh vocabulary laid out as the
+    /// released NT vocabularies are: `<unk> <pad> <mask> <cls> <eos> <bos>` (ids 0..=5), the 4^k
+    /// k-mers, then A T C G N for tails and k-mers holding N (for k = 6: 4,107 tokens, `<cls>` 3,
+    /// `AAAAAA` 6, `A` 4102, as the v2 checkpoints' tokenizer gives); k in 2..=8.
     pub fn non_overlapping(k: usize) -> Result<Self> {
         if !(2..=8).contains(&k) {
             bail!("non-overlapping k-mer tokenizer: k must be 2..=8, got {k}");
         }
-        let tokens = BUILT_IN_SPECIALS
+        let tokens = NT_SPECIALS
             .iter()
             .map(|s| s.to_string())
             .chain(dnabert_kmers(k))
-            .chain(["A", "C", "G", "T", "N"].map(String::from));
+            .chain(DNABERT_BASE_ORDER.iter().chain(&['N']).map(char::to_string));
         let vocab = Vocab::from_tokens(tokens.collect(), "built-in k-mer vocabulary")?;
         Ok(Self::from_vocab(vocab, k, false, "built in".into()))
     }
@@ -395,19 +401,36 @@ mod tests {
     #[test]
     fn non_overlapping_with_tail_and_n() {
         let tok = KmerTokenizer::non_overlapping(3).unwrap();
-        // Vocabulary: 5 specials, 64 3-mers (ids 5..=68), then A 69, C 70, G 71, T 72, N 73.
-        assert_eq!(tok.token_to_id("A"), Some(69));
-        assert_eq!(tok.token_to_id("N"), Some(73));
-        // ACG 16 | TAC 23 | tail G T -> 71 72.
+        // 6 specials, 64 3-mers in A T C G order (ids 6..=69), then A 70, T 71, C 72, G 73, N 74.
+        assert_eq!(tok.vocab_size(), 75);
+        assert_eq!(tok.token_to_id("A"), Some(70));
+        assert_eq!(tok.token_to_id("N"), Some(74));
+        // ACG = 6 + 0*16 + 2*4 + 3 = 17 | TAC = 6 + 16 + 0 + 2 = 24 | tail G T -> 73 71.
         // <cls> and the tokens: no end token, as the Nucleotide Transformer encodes.
-        assert_eq!(tok.encode("ACGTACGT", None), vec![2, 16, 23, 71, 72]);
+        assert_eq!(tok.encode("ACGTACGT", None), vec![3, 17, 24, 73, 71]);
         assert_eq!(
             tok.token_spans("ACGTACGT"),
             vec![None, Some((0, 3)), Some((3, 6)), Some((6, 7)), Some((7, 8)),]
         );
-        // ACN holds N -> A C N base by base; GGG = 5 + 63 = 68; tail A.
-        assert_eq!(tok.encode("ACNGGGA", None), vec![2, 69, 70, 73, 68, 69]);
-        assert_eq!(tok.encode("ACNGGGA", Some(5)), vec![2, 69, 70, 73, 68]);
+        // ACN holds N -> A C N base by base; GGG = 6 + 63 = 69; tail A.
+        assert_eq!(tok.encode("ACNGGGA", None), vec![3, 70, 72, 74, 69, 70]);
+        assert_eq!(tok.encode("ACNGGGA", Some(5)), vec![3, 70, 72, 74, 69]);
+        let specials = tok.special_tokens();
+        assert_eq!((specials.unk, specials.pad, specials.mask), (0, 1, 2));
+    }
+
+    /// The ids the released 6-mer NT v2 tokenizer gives (<cls> 3, <pad> 1, AAAAAA 6, A..N
+    /// 4102..=4106, 4,107 tokens).
+    #[test]
+    fn built_in_six_mer_vocabulary_has_the_released_ids() {
+        let tok = KmerTokenizer::non_overlapping(6).unwrap();
+        assert_eq!(tok.vocab_size(), 4107);
+        assert_eq!(tok.encode("AAAAAAT", None), vec![3, 6, 4103]);
+        assert_eq!(
+            tok.encode("ATCGN", None),
+            vec![3, 4102, 4103, 4104, 4105, 4106]
+        );
+        assert_eq!(tok.special_tokens().pad, 1);
     }
 
     #[test]
