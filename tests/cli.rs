@@ -441,7 +441,10 @@ fn init_model_nt_writes_an_esm_config_whose_token_ids_match_its_vocabulary() {
     let tokens: Vec<&str> = vocab.lines().collect();
     // The NT layout: six specials, the 256 4-mers, then A T C G N for tails.
     assert_eq!(tokens.len(), 6 + 256 + 5);
-    assert_eq!(&tokens[..6], ["<unk>", "<pad>", "<mask>", "<cls>", "<eos>", "<bos>"]);
+    assert_eq!(
+        &tokens[..6],
+        ["<unk>", "<pad>", "<mask>", "<cls>", "<eos>", "<bos>"]
+    );
     let config: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["model_type"], "esm");

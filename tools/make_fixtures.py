@@ -313,7 +313,7 @@ def make_tiny_bert() -> None:
 
 
 # Nucleotide Transformer vocabulary order: six specials, the k-mers (product order over "ACGT"),
-# then the single bases for tails and k-mers holding N.
+# then the single bases for the stretches no k-mer covers (tails, N).
 NT_SPECIALS = ["<unk>", "<pad>", "<mask>", "<cls>", "<eos>", "<bos>"]
 
 
@@ -321,14 +321,14 @@ def nt_vocab(k: int) -> list[str]:
     return NT_SPECIALS + ["".join(p) for p in itertools.product("ACGT", repeat=k)] + list("ACGTN")
 
 
-def nt_ids(sequence: str, token: dict, k: int) -> list[int]:
-    """<cls>, then non-overlapping k-mers (a short tail or a k-mer holding N base by base) and no end
-    token: the Nucleotide Transformer's tokenization, and dnatune's."""
-    body = []
-    for start in range(0, len(sequence), k):
-        piece = sequence[start : start + k]
-        body += [token[piece]] if len(piece) == k and "N" not in piece else [token[b] for b in piece]
-    return [token["<cls>"]] + body
+def nt_ids(directory: Path, sequences: list[str]) -> list[list[int]]:
+    """Ids from transformers' own EsmTokenizer on the vocab.txt in `directory`, without an end token
+    as the released Nucleotide Transformer tokenizers (transformers#22770): <cls>, then the longest
+    vocabulary match from the left (k-mers restart after an N)."""
+    from transformers import EsmTokenizer
+
+    tokenizer = EsmTokenizer(vocab_file=str(directory / "vocab.txt"), eos_token=None)
+    return [tokenizer(seq)["input_ids"] for seq in sequences]
 
 
 def make_tiny_esm(name: str, v2: bool, seed: int) -> None:
@@ -383,7 +383,7 @@ def make_tiny_esm(name: str, v2: bool, seed: int) -> None:
     # Three right-padded rows; v1's second row holds a <mask>, which token dropout zeroes and
     # compensates for.
     sequences = ["ACGTTGCAATGGA", "GGATCCANTAC", "TTGACG"]
-    rows = [nt_ids(seq, token, k) for seq in sequences]
+    rows = nt_ids(out, sequences)
     if not v2:
         rows[1][2] = token["<mask>"]
     ids, mask = pad_rows(rows, token["<pad>"])
@@ -436,7 +436,7 @@ def make_tiny_nt_v2_mlm() -> None:
     (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
     sequences = ["ACGTTGCAATGGA", "GGATCCATAC"]
-    rows = [nt_ids(seq, token, 3) for seq in sequences]
+    rows = nt_ids(out, sequences)
     rows[0][2] = token["<mask>"]
     ids, mask = pad_rows(rows, token["<pad>"])
     with torch.no_grad():

@@ -81,19 +81,14 @@ def build_esm(base: Path, adapter: Path) -> torch.nn.Module:
 
 
 def nt_rows(vocab_txt: Path, seqs: list[str], max_len: int) -> tuple[list[list[int]], int]:
-    """<cls> + non-overlapping k-mers (a short tail or a k-mer holding N base by base), no end
-    token, as dnatune and the Nucleotide Transformer encode with its vocab.txt; and the pad id."""
-    vocab = vocab_txt.read_text().split()
-    token = {t: i for i, t in enumerate(vocab)}
-    k = max(len(t) for t in vocab if set(t) <= set("ACGT"))
-    rows = []
-    for seq in seqs:
-        body = []
-        for start in range(0, len(seq), k):
-            piece = seq[start : start + k]
-            body += [token[piece]] if len(piece) == k and "N" not in piece else [token[b] for b in piece]
-        rows.append([token["<cls>"]] + body[: max_len - 1])
-    return rows, token["<pad>"]
+    """The Nucleotide Transformer's ids from transformers' EsmTokenizer on its vocab.txt, as the
+    released tokenizers are set up (no end token): <cls> + the longest vocabulary matches from the
+    left, truncated to max_len; and the pad id."""
+    from transformers import EsmTokenizer
+
+    tokenizer = EsmTokenizer(vocab_file=str(vocab_txt), eos_token=None)
+    rows = [tokenizer(seq, truncation=True, max_length=max_len)["input_ids"] for seq in seqs]
+    return rows, tokenizer.pad_token_id
 
 
 def encode(base: Path, seqs: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

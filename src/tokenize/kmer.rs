@@ -92,7 +92,7 @@ impl KmerTokenizer {
 
     /// Nucleotide-Transformer-style non-overlapping k-mers with a fresh vocabulary laid out as the
     /// released NT vocabularies are: `<unk> <pad> <mask> <cls> <eos> <bos>` (ids 0..=5), the 4^k
-    /// k-mers, then A T C G N for tails and k-mers holding N (for k = 6: 4,107 tokens, `<cls>` 3,
+    /// k-mers, then A T C G N for the bases no k-mer covers (for k = 6: 4,107 tokens, `<cls>` 3,
     /// `AAAAAA` 6, `A` 4102, as the v2 checkpoints' tokenizer gives); k in 2..=8.
     pub fn non_overlapping(k: usize) -> Result<Self> {
         if !(2..=8).contains(&k) {
@@ -161,18 +161,22 @@ impl KmerTokenizer {
                 .map(|i| (kmer_id(i).unwrap_or(unk), i, i + k))
                 .collect();
         }
+        // A k-mer wherever the next k bases are all ACGT, else one base: each N-free stretch is
+        // cut into k-mers from its own start, its tail and the Ns go base by base (the released
+        // tokenizer's longest match from the left; the original NT code splits at each N).
         let mut out = Vec::with_capacity(bytes.len() / k + k);
         let mut pos = 0;
         while pos < bytes.len() {
             match (pos + k <= bytes.len()).then(|| kmer_id(pos)).flatten() {
-                Some(id) => out.push((id, pos, pos + k)),
-                // A short tail or a k-mer holding N goes base by base.
+                Some(id) => {
+                    out.push((id, pos, pos + k));
+                    pos += k;
+                }
                 None => {
-                    let end = (pos + k).min(bytes.len());
-                    out.extend((pos..end).map(|i| (single_id(&self.base_ids, bytes[i]), i, i + 1)));
+                    out.push((single_id(&self.base_ids, bytes[pos]), pos, pos + 1));
+                    pos += 1;
                 }
             }
-            pos += k;
         }
         out
     }
@@ -415,6 +419,12 @@ mod tests {
         // ACN holds N -> A C N base by base; GGG = 6 + 63 = 69; tail A.
         assert_eq!(tok.encode("ACNGGGA", None), vec![3, 70, 72, 74, 69, 70]);
         assert_eq!(tok.encode("ACNGGGA", Some(5)), vec![3, 70, 72, 74, 69]);
+        // After an N the k-mers restart: ACG | T (tail before N) | N | AAA = 6 | C.
+        assert_eq!(tok.encode("ACGTNAAAC", None), vec![3, 17, 71, 74, 6, 72]);
+        assert_eq!(
+            tok.token_spans("ANAAA"),
+            vec![None, Some((0, 1)), Some((1, 2)), Some((2, 5))]
+        );
         let specials = tok.special_tokens();
         assert_eq!((specials.unk, specials.pad, specials.mask), (0, 1, 2));
     }
