@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -15,6 +15,7 @@ use crate::model::{self, LoadOptions, LoadedModel};
 use crate::ops::ForwardCtx;
 use crate::peft::bf16::Precision;
 use crate::train::config::{Method, TrainConfig};
+use crate::train::loss::weighted_nll_sum;
 use crate::train::optim::AdamW;
 
 #[derive(Debug, Serialize)]
@@ -86,6 +87,8 @@ struct Runner {
     ids: Tensor,
     mask: Tensor,
     labels: Tensor,
+    /// One weight per sequence, as the training loop passes its class weights.
+    weights: Tensor,
     opt: AdamW,
 }
 
@@ -110,12 +113,14 @@ impl Runner {
         let (ids, mask) = random_batch(loaded.config.vocab_size, spec)?;
         let labels: Vec<u32> = (0..batch_size).map(|i| (i % 2) as u32).collect();
         let labels = Tensor::from_vec(labels, batch_size, device)?;
+        let weights = Tensor::ones(batch_size, DType::F32, device)?;
         let opt = AdamW::new(loaded.params.trainable(), 0.9, 0.999, 1e-8, 0.01)?;
         Ok(Runner {
             loaded,
             ids,
             mask,
             labels,
+            weights,
             opt,
         })
     }
@@ -126,7 +131,9 @@ impl Runner {
         let t0 = Instant::now();
         let ctx = ForwardCtx::train(s as u64);
         let logits = self.loaded.model.forward(&self.ids, &self.mask, &ctx)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &self.labels)?;
+        // The training loop's loss: a weighted sum over the batch, here with unit weights.
+        let nll_sum = weighted_nll_sum(&logits, &self.labels, &self.weights)?;
+        let loss = (nll_sum / self.labels.dim(0)? as f64)?;
         // GPU work is asynchronous: wait for it so each phase is charged its own time.
         let device = self.ids.device();
         device.synchronize()?;
