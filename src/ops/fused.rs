@@ -375,53 +375,66 @@ impl ActivationFloat for f64 {
     }
 }
 
+/// The activation a gated MLP applies to the first half of its input (a zero-sized choice, so
+/// the row kernels below are compiled once per gate).
+trait Gate: Copy {
+    fn act<T: ActivationFloat>(self, a: T) -> T;
+    fn act_and_grad<T: ActivationFloat>(self, a: T) -> (T, T);
+}
+
+/// GELU gate: DNABERT-2's gated GELU.
+#[derive(Clone, Copy)]
+struct GeluGate;
+
+impl Gate for GeluGate {
+    #[inline(always)]
+    fn act<T: ActivationFloat>(self, a: T) -> T {
+        a.gelu()
+    }
+
+    #[inline(always)]
+    fn act_and_grad<T: ActivationFloat>(self, a: T) -> (T, T) {
+        a.gelu_and_grad()
+    }
+}
+
+/// SiLU gate: SwiGLU.
+#[derive(Clone, Copy)]
+struct SiluGate;
+
+impl Gate for SiluGate {
+    #[inline(always)]
+    fn act<T: ActivationFloat>(self, a: T) -> T {
+        a.silu_and_grad().0
+    }
+
+    #[inline(always)]
+    fn act_and_grad<T: ActivationFloat>(self, a: T) -> (T, T) {
+        a.silu_and_grad()
+    }
+}
+
 multiversion! {
-    /// One row of the gated GELU: `out = gelu(a) * lin` for x = [a | lin].
-    fn gated_gelu_row<T: ActivationFloat>(x: &[T], out: &mut [T]) {
+    /// One row of a gated activation: `out = act(a) * lin` for x = [a | lin].
+    fn gated_row<T: ActivationFloat, G: Gate>(gate: G, x: &[T], out: &mut [T]) {
         let (a, lin) = x.split_at(out.len());
         for ((o, &a), &lin) in out.iter_mut().zip(a).zip(lin) {
-            *o = a.gelu() * lin;
+            *o = gate.act(a) * lin;
         }
     }
 }
 
 multiversion! {
-    /// One row of the gated GELU's input gradient: `dx[.., :i] = g * lin * gelu'(a)` and
-    /// `dx[.., i:] = g * gelu(a)` for x = [a | lin].
-    fn gated_gelu_grad_row<T: ActivationFloat>(x: &[T], g: &[T], dx: &mut [T]) {
+    /// One row of a gated activation's input gradient: `dx[.., :i] = g * lin * act'(a)` and
+    /// `dx[.., i:] = g * act(a)` for x = [a | lin].
+    fn gated_grad_row<T: ActivationFloat, G: Gate>(gate: G, x: &[T], g: &[T], dx: &mut [T]) {
         let half = g.len();
         let (a, lin) = x.split_at(half);
         let (da, dlin) = dx.split_at_mut(half);
         // Zipped slices (no index bounds checks) so the loop vectorizes.
         let inputs = a.iter().zip(lin).zip(g);
         for ((da, dlin), ((&a, &lin), &g)) in da.iter_mut().zip(dlin).zip(inputs) {
-            let (act, dact) = a.gelu_and_grad();
-            *da = g * lin * dact;
-            *dlin = g * act;
-        }
-    }
-}
-
-multiversion! {
-    /// One row of SwiGLU: `out = silu(a) * lin` for x = [a | lin].
-    fn swiglu_row<T: ActivationFloat>(x: &[T], out: &mut [T]) {
-        let (a, lin) = x.split_at(out.len());
-        for ((o, &a), &lin) in out.iter_mut().zip(a).zip(lin) {
-            *o = a.silu_and_grad().0 * lin;
-        }
-    }
-}
-
-multiversion! {
-    /// One row of SwiGLU's input gradient: `dx[.., :i] = g * lin * silu'(a)` and
-    /// `dx[.., i:] = g * silu(a)` for x = [a | lin].
-    fn swiglu_grad_row<T: ActivationFloat>(x: &[T], g: &[T], dx: &mut [T]) {
-        let half = g.len();
-        let (a, lin) = x.split_at(half);
-        let (da, dlin) = dx.split_at_mut(half);
-        let inputs = a.iter().zip(lin).zip(g);
-        for ((da, dlin), ((&a, &lin), &g)) in da.iter_mut().zip(dlin).zip(inputs) {
-            let (act, dact) = a.silu_and_grad();
+            let (act, dact) = gate.act_and_grad(a);
             *da = g * lin * dact;
             *dlin = g * act;
         }
@@ -472,10 +485,10 @@ impl Activation {
     }
 
     fn forward<T: ActivationFloat>(self, x: &[T], cols: usize) -> Vec<T> {
-        let row = match self {
+        let row: fn(&[T], &mut [T]) = match self {
             Activation::Gelu => gelu_row,
-            Activation::GatedGelu => gated_gelu_row,
-            Activation::SwiGlu => swiglu_row,
+            Activation::GatedGelu => |x, out| gated_row(GeluGate, x, out),
+            Activation::SwiGlu => |x, out| gated_row(SiluGate, x, out),
         };
         map_rows(x, cols, self.out_cols(cols), row)
     }
@@ -484,10 +497,10 @@ impl Activation {
     fn backward<T: ActivationFloat>(self, x: &[T], g: &[T], cols: usize) -> Vec<T> {
         let mut dx = vec![T::from_f64(0.0); x.len()];
         let g_cols = self.out_cols(cols);
-        let row = match self {
+        let row: fn(&[T], &[T], &mut [T]) = match self {
             Activation::Gelu => gelu_grad_row,
-            Activation::GatedGelu => gated_gelu_grad_row,
-            Activation::SwiGlu => swiglu_grad_row,
+            Activation::GatedGelu => |x, g, dx| gated_grad_row(GeluGate, x, g, dx),
+            Activation::SwiGlu => |x, g, dx| gated_grad_row(SiluGate, x, g, dx),
         };
         if x.len() >= PARALLEL_MIN {
             dx.par_chunks_mut(cols)

@@ -39,23 +39,24 @@ pub(crate) fn simd() -> Simd {
 /// has: the body is an `#[inline(always)]` function copied into one `#[target_feature]` function
 /// per instruction set, so everything it inlines (the generic kernels, `erf`, `exp`) is
 /// vectorized for those registers. (A closure would not do: it is not reliably inlined into the
-/// wide copy.) The function takes one element type parameter; arguments are plain identifiers.
+/// wide copy.) Type parameters each take one bound and must be inferable from the arguments;
+/// arguments are plain identifiers.
 macro_rules! multiversion {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident<$t:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<$($t:ident: $bound:path),+>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        $vis fn $name<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name<$($t: $bound),+>($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body<$t: $bound>($($arg: $ty),*) $(-> $ret)? $body
+            fn body<$($t: $bound),+>($($arg: $ty),*) $(-> $ret)? $body
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512dq,avx512bw")]
-            unsafe fn avx512<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
+            unsafe fn avx512<$($t: $bound),+>($($arg: $ty),*) $(-> $ret)? {
                 body($($arg),*)
             }
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
+            unsafe fn avx2<$($t: $bound),+>($($arg: $ty),*) $(-> $ret)? {
                 body($($arg),*)
             }
 
