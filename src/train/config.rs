@@ -250,7 +250,6 @@ pub struct TrainConfig {
     /// and average the class probabilities.
     pub average_strands: bool,
     /// Weigh the training loss by class (none: every sequence counts the same).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub class_weights: Option<ClassWeights>,
     pub bucket_by_length: bool,
     /// Train on a seeded random subset of this many training sequences.
