@@ -3,7 +3,7 @@
 //! The modules mirror the pipeline: `data` (files to records and splits) -> `tokenize` (records to
 //! token ids) -> `batch` (ids to padded batches) -> `model` + `peft` (encoder, heads, adapters) ->
 //! `train` (loop, optimiser, schedule, checkpoints) -> `eval` (metrics, report) -> `explain` (which
-//! bases drive a call).
+//! bases drive a call) and `scan` (where along a long sequence the calls are).
 
 pub mod batch;
 pub mod cli;
@@ -16,5 +16,6 @@ pub mod model;
 pub mod ops;
 pub mod peft;
 pub mod pretrain;
+pub mod scan;
 pub mod tokenize;
 pub mod train;

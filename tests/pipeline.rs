@@ -118,6 +118,120 @@ fn small_model_learns_tf_binding_and_writes_its_outputs() {
     let evaluated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!((evaluated["mcc"].as_f64().unwrap() - test["mcc"].as_f64().unwrap()).abs() < 1e-9);
     strand_averaged_calls_do_not_depend_on_the_strand(&run.join("best"), tmp.path());
+    scanning_a_locus_scores_its_windows_as_predict_scores_them(&run.join("best"), tmp.path());
+}
+
+/// `scan` over a BED region made of test sequences laid end to end, with windows exactly on
+/// them, gives each window `predict`'s probabilities for that sequence at its genome position,
+/// and its hits are the runs of those sequences called positive.
+fn scanning_a_locus_scores_its_windows_as_predict_scores_them(model: &Path, dir: &Path) {
+    let text = std::fs::read_to_string(repo("data/gue-tf0/test.csv")).unwrap();
+    let all: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .filter(|q| q.len() == 101)
+        .collect();
+    // The file lists positives first: stepping by about half of it alternates the classes.
+    let pieces: Vec<&str> = (0..60).map(|i| all[i * 503 % all.len()]).collect();
+    let flank = "GATTACAGATTACAGATTACAGATTACAGATTACAGAT"; // 38 bases outside the region
+    let locus = pieces.concat();
+    std::fs::write(
+        dir.join("genome.fa"),
+        format!(">chrX\n{flank}{locus}{flank}\n"),
+    )
+    .unwrap();
+    let start = flank.len();
+    std::fs::write(
+        dir.join("locus.bed"),
+        format!("chrX\t{start}\t{}\n", start + locus.len()),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("pieces.csv"),
+        format!("sequence\n{}\n", pieces.join("\n")),
+    )
+    .unwrap();
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let [bed, genome, csv, predictions, scan_dir, short_dir] = [
+        "locus.bed",
+        "genome.fa",
+        "pieces.csv",
+        "pieces-predictions.csv",
+        "scan",
+        "scan-short",
+    ]
+    .map(path);
+    let model = model.to_str().unwrap();
+    let common = ["--model", model, "--max-length", "64"];
+    let mut args = vec!["scan", "--bed", &bed, "--genome", &genome];
+    args.extend(["--window", "101", "--stride", "101", "--out", &scan_dir]);
+    args.extend(common);
+    dnatune(&args);
+    let mut args = vec!["predict", "--input", &csv, "--out", &predictions];
+    args.extend(common);
+    dnatune(&args);
+    let predicted = probabilities(&dir.join("pieces-predictions.csv"));
+    let windows = std::fs::read_to_string(dir.join("scan/windows.tsv")).unwrap();
+    let rows: Vec<Vec<&str>> = windows
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').collect())
+        .collect();
+    assert_eq!(rows.len(), pieces.len());
+    for (i, (row, want)) in rows.iter().zip(&predicted).enumerate() {
+        let at = start + 101 * i;
+        assert_eq!(row[..3], ["chrX", &at.to_string(), &(at + 101).to_string()]);
+        let prob: f64 = row[4].parse().unwrap();
+        assert!(
+            (prob - want[1]).abs() < 2e-6,
+            "window {i}: {prob} vs {}",
+            want[1]
+        );
+    }
+    // Runs of consecutive sequences called positive, in genome coordinates.
+    let mut expected: Vec<(usize, usize)> = Vec::new();
+    for (i, p) in predicted.iter().enumerate() {
+        let (a, b) = (start + 101 * i, start + 101 * (i + 1));
+        match expected.last_mut() {
+            Some(run) if p[1] >= 0.5 && run.1 == a => run.1 = b,
+            _ if p[1] >= 0.5 => expected.push((a, b)),
+            _ => {}
+        }
+    }
+    assert!(
+        expected.len() > 3,
+        "too few positive calls for the check to mean much"
+    );
+    let hits_text = std::fs::read_to_string(dir.join("scan/hits.bed")).unwrap();
+    let hits: Vec<(usize, usize)> = hits_text
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            assert_eq!(f[0], "chrX");
+            (f[1].parse().unwrap(), f[2].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(hits, expected);
+    // A window longer than --max-length tokens is an error naming it, not a silent truncation.
+    let out = Command::new(env!("CARGO_BIN_EXE_dnatune"))
+        .args([
+            "scan",
+            "--model",
+            model,
+            "--max-length",
+            "8",
+            "--input",
+            &csv,
+        ])
+        .args(["--window", "101", "--out", &short_dir])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("pieces:2:0-101"),
+        "{stderr}"
+    );
 }
 
 /// The complementary strand, read 5' to 3' (written here, apart from the crate's own).

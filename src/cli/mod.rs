@@ -57,6 +57,16 @@ enum Command {
     /// motifs.csv (a row per sequence: its strongest `--motif-width` window) and kmers.csv (the
     /// k-mers, k up to 6, both strands as one, that those windows share, most enriched first).
     Explain(ExplainArgs),
+    /// Scan long sequences (FASTA/CSV, or BED regions of a genome) window by window: where along
+    /// them the model calls the class.
+    ///
+    /// Windows of `--window` bases (the training sequences' length) every `--stride` bases, the
+    /// last aligned to the end. `--out` is a directory: windows.tsv (each window's class
+    /// probabilities), scores.bedgraph (per base, the mean probability of `--class` over the
+    /// windows covering it) and hits.bed (the stretches where that reaches `--threshold`; BED
+    /// score 1000 x their highest). 0-based half-open coordinates: on the chromosome for BED
+    /// regions, within each sequence (named by its id) otherwise.
+    Scan(ScanArgs),
     /// Measure training throughput.
     Bench(BenchArgs),
     /// Pre-train a model with masked language modelling on a DNA corpus.
@@ -412,6 +422,40 @@ enum ExplainMethod {
 }
 
 #[derive(Args)]
+struct ScanArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Sequences to scan: FASTA or CSV/TSV (a `sequence` column).
+    #[arg(long, required_unless_present = "bed", conflicts_with = "bed")]
+    input: Option<PathBuf>,
+    /// Regions to scan (`chrom start end ...`), cut from `--genome`; scanned on the plus strand
+    /// whatever their strand column says (`--average-strands` scores both).
+    #[arg(long, requires = "genome")]
+    bed: Option<PathBuf>,
+    /// Genome FASTA (optionally gzipped) the `--bed` regions are cut from.
+    #[arg(long, requires = "bed")]
+    genome: Option<PathBuf>,
+    /// Window width in bases: the length of the sequences the model was trained on.
+    #[arg(long)]
+    window: usize,
+    /// Bases between window starts.
+    #[arg(long, default_value_t = 10)]
+    stride: usize,
+    /// The class whose probability is tracked.
+    #[arg(long, default_value_t = 1)]
+    class: usize,
+    /// Per-base score from which a stretch is a hit.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// Score each window and its reverse complement and average their class probabilities.
+    #[arg(long)]
+    average_strands: bool,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -484,6 +528,7 @@ pub fn main() -> i32 {
         Command::Predict(a) => predict(a, device),
         Command::Eval(a) => eval_cmd(a, device),
         Command::Explain(a) => explain_cmd(a, device),
+        Command::Scan(a) => scan_cmd(a, device),
         Command::Bench(a) => bench_cmd(a, device),
         Command::Pretrain(a) => pretrain_cmd(*a, device),
         Command::Merge(a) => merge_cmd(a),
@@ -861,10 +906,12 @@ fn predict(cmd: PredictCmdArgs, device: Option<&str>) -> Result<()> {
     let ds = data::read_records(&a.input, &read_opts(&a.model, LabelPolicy::Optional))?;
     report_skipped(&ds, &a.input);
     let max_len = a.model.max_length;
-    let ids = train::encode_all(&ds.records, tokenizer.as_ref(), max_len);
-    let reverse = cmd
-        .average_strands
-        .then(|| train::encode_reverse(&ds.records, tokenizer.as_ref(), max_len));
+    let (ids, reverse) = train::encode_strands(
+        &ds.records,
+        tokenizer.as_ref(),
+        max_len,
+        cmd.average_strands,
+    );
     let strands = if reverse.is_some() { 2 } else { 1 };
     let bar = indicatif::ProgressBar::new((strands * ids.len()) as u64);
     let probs = train::predict_strands(
@@ -959,15 +1006,89 @@ fn explain_cmd(a: ExplainArgs, device: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+fn scan_cmd(a: ScanArgs, device: Option<&str>) -> Result<()> {
+    if a.window == 0 || a.stride == 0 {
+        bail!("--window and --stride must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&a.threshold) {
+        bail!("--threshold must be a probability, found {}", a.threshold);
+    }
+    let device = chosen_device(device)?;
+    let (loaded, tokenizer) = load_for_inference(&a.model, &device)?;
+    let num_labels = loaded.model.num_labels;
+    if a.class >= num_labels {
+        bail!(
+            "--class {} is not a class of this model (classes 0 to {})",
+            a.class,
+            num_labels - 1
+        );
+    }
+    let opts = read_opts(&a.model, LabelPolicy::Optional);
+    let regions: Vec<crate::scan::ScanRegion> = match (&a.input, &a.bed, &a.genome) {
+        (Some(input), _, _) => {
+            let ds = data::read_records(input, &opts)?;
+            report_skipped(&ds, input);
+            ds.records.into_iter().map(Into::into).collect()
+        }
+        (None, Some(bed), Some(genome)) => {
+            let (regions, skipped) = data::read_genome_regions(bed, genome, &opts)?;
+            if skipped > 0 {
+                eprintln!(
+                    "skipped {skipped} regions with letters other than ACGTN in {}",
+                    bed.display()
+                );
+            }
+            regions.into_iter().map(Into::into).collect()
+        }
+        _ => bail!("give --input, or --bed with --genome"),
+    };
+    let scanner = crate::scan::Scanner {
+        model: &loaded.model,
+        tokenizer: tokenizer.as_ref(),
+        max_len: a.model.max_length,
+        batch_size: a.model.batch_size,
+        device: &device,
+        width: a.window,
+        stride: a.stride,
+        both_strands: a.average_strands,
+    };
+    let strands = if a.average_strands { 2 } else { 1 };
+    let total: usize = regions
+        .iter()
+        .map(|r| crate::scan::windows(r.seq.len(), a.window, a.stride).len())
+        .sum();
+    let bar = indicatif::ProgressBar::new((strands * total) as u64);
+    let mut scanned = Vec::with_capacity(regions.len());
+    for region in regions {
+        let result = scanner.scan(&region, Some(&bar))?;
+        scanned.push((region, result));
+    }
+    bar.finish_and_clear();
+    let hits = crate::scan::write_scan(&a.out, &scanned, num_labels, a.class, a.threshold)?;
+    println!(
+        "scanned {} sequences in {total} windows: {} (window probabilities), {} (per-base \
+         mean of class {}), {} ({hits} stretches at or above {})",
+        scanned.len(),
+        a.out.join("windows.tsv").display(),
+        a.out.join("scores.bedgraph").display(),
+        a.class,
+        a.out.join("hits.bed").display(),
+        a.threshold
+    );
+    Ok(())
+}
+
 fn eval_cmd(a: EvalArgs, device: Option<&str>) -> Result<()> {
     let device = chosen_device(device)?;
     let (loaded, tokenizer) = load_for_inference(&a.model, &device)?;
     let ds = data::read_records(&a.data, &read_opts(&a.model, LabelPolicy::Required))?;
     report_skipped(&ds, &a.data);
-    let ids = train::encode_all(&ds.records, tokenizer.as_ref(), a.model.max_length);
-    let reverse = a
-        .average_strands
-        .then(|| train::encode_reverse(&ds.records, tokenizer.as_ref(), a.model.max_length));
+    let (ids, reverse) = train::encode_strands(
+        &ds.records,
+        tokenizer.as_ref(),
+        a.model.max_length,
+        a.average_strands,
+    );
     let labels: Vec<usize> = ds
         .records
         .iter()

@@ -45,30 +45,33 @@ fn load_genome(path: &Path) -> Result<HashMap<String, Vec<u8>>, DataError> {
     Ok(genome)
 }
 
-/// Reads BED regions (`chrom start end [name [score [strand]]]`, 0-based half-open) and cuts their
-/// sequences from `genome_fasta`; `-` strand regions are reverse-complemented.
-///
-/// Every record gets `label` (e.g. 1 for peaks, 0 for a background BED) and its chromosome, so the
-/// result can be split by chromosome. Ids are the BED name, or `chrom:start-end(strand)`.
-pub fn read_bed_regions(
+/// One BED region with its bases as they are on the genome's plus strand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenomeRegion {
+    pub chrom: String,
+    /// 0-based, half-open.
+    pub start: usize,
+    pub end: usize,
+    pub name: Option<String>,
+    /// `+`, `-`, or `None` for `.` or a missing column.
+    pub strand: Option<char>,
+    /// Validated, upper-case A/C/G/T/N; the plus strand whatever `strand` says.
+    pub seq: String,
+}
+
+/// The regions of a BED file (`chrom start end [name [score [strand]]]`, 0-based half-open) with
+/// their bases cut from `genome_fasta`, in file order, and how many `opts.skip_invalid` dropped
+/// for holding a base other than A/C/G/T/N.
+pub fn read_genome_regions(
     bed: &Path,
     genome_fasta: &Path,
-    label: Option<usize>,
     opts: &ReadOptions,
-) -> Result<Dataset, DataError> {
-    if label.is_none() && opts.labels == LabelPolicy::Required {
-        return Err(DataError::new(
-            bed,
-            "a label for the regions of this BED file is required",
-        ));
-    }
+) -> Result<(Vec<GenomeRegion>, usize), DataError> {
     // Open the BED first so a mistyped BED path fails before a long genome load.
     let bed_reader = open(bed, is_gz(bed))?;
     let genome = load_genome(genome_fasta)?;
-    let mut data = Dataset {
-        records: Vec::new(),
-        skipped: 0,
-    };
+    let mut regions = Vec::new();
+    let mut skipped = 0;
     for_each_line(bed, bed_reader, |line_no, line| {
         let text = line.trim();
         let fields: Vec<&str> = text.split_whitespace().collect();
@@ -101,7 +104,8 @@ pub fn read_bed_regions(
         let name = fields.get(3).filter(|n| **n != ".");
         let strand = match fields.get(5).copied() {
             None | Some(".") => None,
-            Some(s @ ("+" | "-")) => Some(s),
+            Some("+") => Some('+'),
+            Some("-") => Some('-'),
             Some(other) => {
                 return Err(DataError::at(
                     bed,
@@ -142,7 +146,7 @@ pub fn read_bed_regions(
         let seq = match validate_sequence(&raw) {
             Ok(s) => s,
             Err(_) if opts.skip_invalid => {
-                data.skipped += 1;
+                skipped += 1;
                 return Ok(());
             }
             Err((offset, c)) => {
@@ -151,37 +155,80 @@ pub fn read_bed_regions(
                     line_no,
                     format!(
                         "region {chrom}:{start}-{end} contains {c:?} at genome position {} \
-                         (allowed: A, C, G, T, N)",
+                         (allowed: A, C, G, T, N; --skip-invalid skips such regions)",
                         start + offset
                     ),
                 ))
             }
         };
-        let seq = if strand == Some("-") {
-            reverse_complement(&seq)
-        } else {
-            seq
-        };
-        let id = match (name, strand) {
-            (Some(n), _) => n.to_string(),
-            (None, Some(s)) => format!("{chrom}:{start}-{end}({s})"),
-            (None, None) => format!("{chrom}:{start}-{end}"),
-        };
-        data.records.push(Record {
-            id,
+        regions.push(GenomeRegion {
+            chrom: chrom.to_string(),
+            start,
+            end,
+            name: name.map(|n| n.to_string()),
+            strand,
             seq,
-            label,
-            chrom: Some(chrom.to_string()),
         });
         Ok(())
     })?;
-    if data.records.is_empty() {
+    if regions.is_empty() {
+        let why = match skipped {
+            0 => "the BED file has no regions".to_string(),
+            n => format!("all {n} regions hold bases other than A/C/G/T/N"),
+        };
+        return Err(DataError::new(bed, format!("no records: {why}")));
+    }
+    Ok((regions, skipped))
+}
+
+/// Reads BED regions as labelled records: [`read_genome_regions`], with `-` strand regions
+/// reverse-complemented.
+///
+/// Every record gets `label` (e.g. 1 for peaks, 0 for a background BED) and its chromosome, so the
+/// result can be split by chromosome. Ids are the BED name, or `chrom:start-end(strand)`.
+pub fn read_bed_regions(
+    bed: &Path,
+    genome_fasta: &Path,
+    label: Option<usize>,
+    opts: &ReadOptions,
+) -> Result<Dataset, DataError> {
+    if label.is_none() && opts.labels == LabelPolicy::Required {
         return Err(DataError::new(
             bed,
-            "no records: the BED file has no regions",
+            "a label for the regions of this BED file is required",
         ));
     }
-    Ok(data)
+    let (regions, skipped) = read_genome_regions(bed, genome_fasta, opts)?;
+    let records = regions
+        .into_iter()
+        .map(|r| {
+            let GenomeRegion {
+                chrom,
+                start,
+                end,
+                name,
+                strand,
+                seq,
+            } = r;
+            let seq = if strand == Some('-') {
+                reverse_complement(&seq)
+            } else {
+                seq
+            };
+            let id = match (name, strand) {
+                (Some(n), _) => n,
+                (None, Some(s)) => format!("{chrom}:{start}-{end}({s})"),
+                (None, None) => format!("{chrom}:{start}-{end}"),
+            };
+            Record {
+                id,
+                seq,
+                label,
+                chrom: Some(chrom),
+            }
+        })
+        .collect();
+    Ok(Dataset { records, skipped })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ mod split;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use bed::read_bed_regions;
+pub use bed::{read_bed_regions, read_genome_regions, GenomeRegion};
 pub use read::read_records;
 pub use split::{load_splits, read_split_csv, split_records, write_records_csv, write_split_csv};
 

@@ -40,6 +40,24 @@ pub fn encode_all(records: &[Record], tokenizer: &dyn Tokenizer, max_len: usize)
         .collect()
 }
 
+/// [`encode_all`]'s ids and, with `both_strands`, those of the reverse complements in the same
+/// order: what [`predict_strands`] and [`evaluate`] take.
+pub fn encode_strands(
+    records: &[Record],
+    tokenizer: &dyn Tokenizer,
+    max_len: usize,
+    both_strands: bool,
+) -> (Vec<Vec<u32>>, Option<Vec<Vec<u32>>>) {
+    use rayon::prelude::*;
+    let reverse = both_strands.then(|| {
+        records
+            .par_iter()
+            .map(|r| tokenizer.encode(&data::reverse_complement(&r.seq), Some(max_len)))
+            .collect()
+    });
+    (encode_all(records, tokenizer, max_len), reverse)
+}
+
 /// The (batch, seq) id and mask tensors of a collated batch.
 pub fn batch_tensors(batch: &Batch, device: &Device) -> Result<(Tensor, Tensor)> {
     let shape = (batch.batch_size, batch.seq_len);
@@ -120,19 +138,6 @@ pub fn predict_strands(
     Ok(probs)
 }
 
-/// Token ids of the reverse complements of `records`' sequences.
-pub fn encode_reverse(
-    records: &[Record],
-    tokenizer: &dyn Tokenizer,
-    max_len: usize,
-) -> Vec<Vec<u32>> {
-    use rayon::prelude::*;
-    records
-        .par_iter()
-        .map(|r| tokenizer.encode(&data::reverse_complement(&r.seq), Some(max_len)))
-        .collect()
-}
-
 /// Metrics (with mean cross-entropy as `loss`) of `model` on labelled sequences, scored on one
 /// strand or, with `reverse`, averaged over both (see [`predict_strands`]).
 pub fn evaluate(
@@ -180,8 +185,7 @@ fn prepare_split(
                 .with_context(|| format!("{what} record `{}` has no label", r.id))
         })
         .collect::<Result<Vec<_>>>()?;
-    let ids = encode_all(&records, tokenizer, max_len);
-    let reverse = both_strands.then(|| encode_reverse(&records, tokenizer, max_len));
+    let (ids, reverse) = encode_strands(&records, tokenizer, max_len, both_strands);
     Ok(SplitData {
         records,
         ids,
