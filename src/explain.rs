@@ -18,15 +18,14 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 
 use crate::batch::collate;
 use crate::data::Record;
 use crate::eval::argmax;
 use crate::fsutil::csv_field;
-use crate::model::SequenceClassifier;
 use crate::ops::ForwardCtx;
-use crate::tokenize::Tokenizer;
+use crate::train::Predictor;
 
 /// The bases substitutions are made to, in the order effects are reported.
 pub const BASES: [u8; 4] = *b"ACGT";
@@ -216,11 +215,7 @@ pub fn enriched_kmers(
 
 /// Explains calls of one model with its tokenizer.
 pub struct Explainer<'a> {
-    pub model: &'a SequenceClassifier,
-    pub tokenizer: &'a dyn Tokenizer,
-    pub max_len: usize,
-    pub batch_size: usize,
-    pub device: &'a Device,
+    pub predictor: Predictor<'a>,
     /// Width of the reported motif window, in bases.
     pub motif_width: usize,
 }
@@ -228,7 +223,7 @@ pub struct Explainer<'a> {
 impl Explainer<'_> {
     /// Fails unless `class` (when given) is one of the model's classes.
     fn check_class(&self, class: Option<usize>) -> Result<()> {
-        let classes = self.model.num_labels;
+        let classes = self.predictor.model.num_labels;
         match class.filter(|&c| c >= classes) {
             Some(c) => bail!(
                 "class {c} does not exist: the model has {classes} classes (0..={})",
@@ -242,7 +237,7 @@ impl Explainer<'_> {
     pub fn mutagenesis(&self, seq: &str, class: Option<usize>) -> Result<Explanation> {
         use rayon::prelude::*;
         self.check_class(class)?;
-        let classes = self.model.num_labels;
+        let classes = self.predictor.model.num_labels;
         let bases = seq.as_bytes();
         let subs = substitutions(bases);
         // Row 0 is the sequence itself, row 1 + k its k-th substitution.
@@ -254,16 +249,18 @@ impl Explainer<'_> {
                     s[pos] = base;
                 }
                 let s = String::from_utf8(s).expect("ASCII bases stay ASCII");
-                self.tokenizer.encode(&s, Some(self.max_len))
+                self.predictor
+                    .tokenizer
+                    .encode(&s, Some(self.predictor.max_len))
             })
             .collect();
-        let pad = self.tokenizer.special_tokens().pad;
+        let pad = self.predictor.tokenizer.special_tokens().pad;
         let logits = crate::train::predict(
-            self.model,
+            self.predictor.model,
             &variants,
             pad,
-            self.batch_size,
-            self.device,
+            self.predictor.batch_size,
+            self.predictor.device,
             None,
             crate::train::Scores::Logits,
         )?;
@@ -304,22 +301,26 @@ impl Explainer<'_> {
         class: Option<usize>,
     ) -> Result<Vec<Explanation>> {
         self.check_class(class)?;
-        let classes = self.model.num_labels;
+        let classes = self.predictor.model.num_labels;
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<Vec<u32>> = seqs
             .iter()
-            .map(|s| self.tokenizer.encode(s, Some(self.max_len)))
+            .map(|s| {
+                self.predictor
+                    .tokenizer
+                    .encode(s, Some(self.predictor.max_len))
+            })
             .collect();
         let order: Vec<usize> = (0..seqs.len()).collect();
-        let batch = collate(&order, &ids, self.tokenizer.special_tokens().pad);
-        let (ids_t, mask_t) = crate::train::batch_tensors(&batch, self.device)?;
+        let batch = collate(&order, &ids, self.predictor.tokenizer.special_tokens().pad);
+        let (ids_t, mask_t) = crate::train::batch_tensors(&batch, self.predictor.device)?;
         let (b, t) = (batch.batch_size, batch.seq_len);
-        let table = self.model.word_embeddings();
-        let probe = Var::zeros((b, t, table.dim(1)?), table.dtype(), self.device)?;
+        let table = self.predictor.model.word_embeddings();
+        let probe = Var::zeros((b, t, table.dim(1)?), table.dtype(), self.predictor.device)?;
         let ctx = ForwardCtx::eval_with_embedding_probe(probe.as_tensor().clone());
-        let logits = self.model.forward(&ids_t, &mask_t, &ctx)?;
+        let logits = self.predictor.model.forward(&ids_t, &mask_t, &ctx)?;
         let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
         let chosen: Vec<usize> = rows
             .iter()
@@ -331,7 +332,8 @@ impl Explainer<'_> {
         for (row, &c) in chosen.iter().enumerate() {
             pick[row * classes + c] = 1.0;
         }
-        let pick = Tensor::from_vec(pick, (b, classes), self.device)?.to_dtype(logits.dtype())?;
+        let pick = Tensor::from_vec(pick, (b, classes), self.predictor.device)?
+            .to_dtype(logits.dtype())?;
         let own = (&logits * &pick)?.sum(1)?;
         let others = (&logits + (&pick * -1e9)?)?.log_sum_exp(D::Minus1)?;
         let grads = (own - others)?.sum_all()?.backward()?;
@@ -349,7 +351,7 @@ impl Explainer<'_> {
             .map(|(row, seq)| {
                 let importance = spread_over_bases(
                     &token_scores[row],
-                    &self.tokenizer.token_spans(seq),
+                    &self.predictor.tokenizer.token_spans(seq),
                     ids[row].len(),
                     seq.len(),
                 );

@@ -3,7 +3,8 @@
 //! The modules mirror the pipeline: `data` (files to records and splits) -> `tokenize` (records to
 //! token ids) -> `batch` (ids to padded batches) -> `model` + `peft` (encoder, heads, adapters) ->
 //! `train` (loop, optimiser, schedule, checkpoints) -> `eval` (metrics, report) -> `explain` (which
-//! bases drive a call) and `scan` (where along a long sequence the calls are).
+//! bases drive a call), `scan` (where along a long sequence the calls are) and `variants` (how much
+//! a sequence change moves a call).
 
 pub mod batch;
 pub mod cli;
@@ -19,3 +20,4 @@ pub mod pretrain;
 pub mod scan;
 pub mod tokenize;
 pub mod train;
+pub mod variants;

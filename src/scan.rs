@@ -11,13 +11,10 @@
 use std::ops::Range;
 use std::path::Path;
 
-use anyhow::{bail, Result};
-use candle_core::Device;
+use anyhow::Result;
 use indicatif::ProgressBar;
 
-use crate::data::{self, GenomeRegion, Record};
-use crate::model::SequenceClassifier;
-use crate::tokenize::Tokenizer;
+use crate::data::{GenomeRegion, Record};
 
 /// A stretch of sequence to scan and where its first base lies: a BED region on its chromosome,
 /// or a whole FASTA/CSV sequence (named by its id, starting at 0).
@@ -148,11 +145,7 @@ pub struct ScannedRegion {
 
 /// What a scan runs with.
 pub struct Scanner<'a> {
-    pub model: &'a SequenceClassifier,
-    pub tokenizer: &'a dyn Tokenizer,
-    pub max_len: usize,
-    pub batch_size: usize,
-    pub device: &'a Device,
+    pub predictor: crate::train::Predictor<'a>,
     pub width: usize,
     pub stride: usize,
     /// Score each window on both strands and average the probabilities.
@@ -170,38 +163,26 @@ impl Scanner<'_> {
         region: &ScanRegion,
         progress: Option<&ProgressBar>,
     ) -> Result<ScannedRegion> {
-        use rayon::prelude::*;
         let windows = windows(region.seq.len(), self.width, self.stride);
-        let mut probs = Vec::with_capacity(windows.len() * self.model.num_labels);
+        let mut probs = Vec::with_capacity(windows.len() * self.predictor.model.num_labels);
         for chunk in windows.chunks(WINDOWS_PER_CHUNK) {
             let bases: Vec<&str> = chunk.iter().map(|w| &region.seq[w.clone()]).collect();
-            let encode = |s: &str| self.tokenizer.encode(s, Some(self.max_len + 1));
-            let forward: Vec<Vec<u32>> = bases.par_iter().map(|s| encode(s)).collect();
-            if let Some(i) = forward.iter().position(|ids| ids.len() > self.max_len) {
+            let too_long = |i: usize| {
                 let w = &chunk[i];
-                bail!(
+                anyhow::anyhow!(
                     "window {}:{}-{} is more than --max-length {} tokens; use a narrower --window \
                      or a larger --max-length",
                     region.chrom,
                     region.offset + w.start,
                     region.offset + w.end,
-                    self.max_len
-                );
-            }
-            let reverse: Option<Vec<Vec<u32>>> = self.both_strands.then(|| {
-                bases
-                    .par_iter()
-                    .map(|s| encode(&data::reverse_complement(s)))
-                    .collect()
-            });
-            probs.extend(crate::train::predict_strands(
-                self.model,
-                &forward,
-                reverse.as_deref(),
-                self.tokenizer.special_tokens().pad,
-                self.batch_size,
-                self.device,
+                    self.predictor.max_len
+                )
+            };
+            probs.extend(self.predictor.whole_sequence_probabilities(
+                &bases,
+                self.both_strands,
                 progress,
+                too_long,
             )?);
         }
         Ok(ScannedRegion { windows, probs })

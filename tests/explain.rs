@@ -13,7 +13,7 @@ use dnatune::model::params::Trainable;
 use dnatune::model::{self, LoadOptions, Pooling, SequenceClassifier};
 use dnatune::ops::ForwardCtx;
 use dnatune::tokenize::load_tokenizer;
-use dnatune::train::{predict, Scores};
+use dnatune::train::{predict, Predictor, Scores};
 use tempfile::TempDir;
 
 fn repo(rel: &str) -> PathBuf {
@@ -43,11 +43,13 @@ fn effects_equal_predictions_of_each_mutant_made_by_hand() {
     let loaded = model::load_classifier(&dir, None, &opts, &device).unwrap();
     let tokenizer = load_tokenizer(&dir).unwrap();
     let explainer = Explainer {
-        model: &loaded.model,
-        tokenizer: tokenizer.as_ref(),
-        max_len: 128,
-        batch_size: 16,
-        device: &device,
+        predictor: Predictor {
+            model: &loaded.model,
+            tokenizer: tokenizer.as_ref(),
+            max_len: 128,
+            batch_size: 16,
+            device: &device,
+        },
         motif_width: 6,
     };
     let seq = "TCCTCCCGGACGGCAAGGATGTGAGNCAGGCGAGCCGGACGCC";
@@ -137,11 +139,13 @@ fn gradient_times_input_equals_a_finite_difference_per_token() {
     let model = SequenceClassifier::build(&mut b, &cfg, 2, Pooling::Cls).unwrap();
     b.finish().unwrap();
     let explainer = Explainer {
-        model: &model,
-        tokenizer: tokenizer.as_ref(),
-        max_len: 128,
-        batch_size: 16,
-        device: &device,
+        predictor: Predictor {
+            model: &model,
+            tokenizer: tokenizer.as_ref(),
+            max_len: 128,
+            batch_size: 16,
+            device: &device,
+        },
         motif_width: 6,
     };
     let seqs = [

@@ -119,6 +119,7 @@ fn small_model_learns_tf_binding_and_writes_its_outputs() {
     assert!((evaluated["mcc"].as_f64().unwrap() - test["mcc"].as_f64().unwrap()).abs() < 1e-9);
     strand_averaged_calls_do_not_depend_on_the_strand(&run.join("best"), tmp.path());
     scanning_a_locus_scores_its_windows_as_predict_scores_them(&run.join("best"), tmp.path());
+    variant_effects_are_predictions_of_the_edited_windows(&run.join("best"), tmp.path());
 }
 
 /// `scan` over a BED region made of test sequences laid end to end, with windows exactly on
@@ -231,6 +232,76 @@ fn scanning_a_locus_scores_its_windows_as_predict_scores_them(model: &Path, dir:
     assert!(
         !out.status.success() && stderr.contains("pieces:2:0-101"),
         "{stderr}"
+    );
+}
+
+/// `variants` on SNVs at the centres of the sequences the scan test laid end to end (its genome,
+/// pieces and their predictions): the reference window is the sequence, the alternate the
+/// sequence with that base changed, and both probabilities are `predict`'s for those.
+fn variant_effects_are_predictions_of_the_edited_windows(model: &Path, dir: &Path) {
+    let text = std::fs::read_to_string(dir.join("pieces.csv")).unwrap();
+    let pieces: Vec<&str> = text.lines().skip(1).collect();
+    let genome = std::fs::read_to_string(dir.join("genome.fa")).unwrap();
+    let start = genome.lines().nth(1).unwrap().find(pieces[0]).unwrap();
+    let mut vcf = String::from("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\n");
+    let mut edited = Vec::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        let reference = &piece[50..51];
+        let alternate = if reference == "A" { "C" } else { "A" };
+        let pos = start + 101 * i + 51; // 1-based
+        vcf.push_str(&format!("chrX\t{pos}\tv{i}\t{reference}\t{alternate}\n"));
+        edited.push(format!("{}{alternate}{}", &piece[..50], &piece[51..]));
+    }
+    std::fs::write(dir.join("v.vcf"), vcf).unwrap();
+    std::fs::write(
+        dir.join("edited.csv"),
+        format!("sequence\n{}\n", edited.join("\n")),
+    )
+    .unwrap();
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let [vcf, genome, edited, edited_predictions, effects] = [
+        "v.vcf",
+        "genome.fa",
+        "edited.csv",
+        "edited-predictions.csv",
+        "effects.tsv",
+    ]
+    .map(path);
+    let model = model.to_str().unwrap();
+    let common = ["--model", model, "--max-length", "64"];
+    let mut args = vec!["variants", "--vcf", &vcf, "--genome", &genome];
+    args.extend(["--window", "101", "--out", &effects]);
+    args.extend(common);
+    dnatune(&args);
+    let mut args = vec!["predict", "--input", &edited, "--out", &edited_predictions];
+    args.extend(common);
+    dnatune(&args);
+    let reference = probabilities(&dir.join("pieces-predictions.csv"));
+    let alternate = probabilities(Path::new(&edited_predictions));
+    let text = std::fs::read_to_string(&effects).unwrap();
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').skip(6).map(|f| f.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), pieces.len());
+    let logit = |p: f64| (p / (1.0 - p)).ln();
+    let mut moved = 0;
+    for (i, row) in rows.iter().enumerate() {
+        let (r, a) = (reference[i][1], alternate[i][1]);
+        assert!(
+            (row[0] - r).abs() < 2e-6 && (row[1] - a).abs() < 2e-6,
+            "variant {i}: {row:?} vs {r} {a}"
+        );
+        assert!(
+            (row[3] - (logit(a) - logit(r))).abs() < 1e-3,
+            "variant {i}: {row:?}"
+        );
+        moved += usize::from((a - r).abs() > 1e-3);
+    }
+    assert!(
+        moved > 10,
+        "only {moved} substitutions moved a call: the check proves little"
     );
 }
 

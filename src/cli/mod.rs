@@ -67,6 +67,13 @@ enum Command {
     /// score 1000 x their highest). 0-based half-open coordinates: on the chromosome for BED
     /// regions, within each sequence (named by its id) otherwise.
     Scan(ScanArgs),
+    /// Score VCF variants: the class's probability with the reference and with the alternate
+    /// allele in the genome window around each, and the change in its log-odds.
+    ///
+    /// `--out` is a TSV file, a row per alternate allele: chrom, pos, id, ref, alt, window_start
+    /// (0-based), ref_prob, alt_prob, prob_change, log_odds_change. Indels keep the window's width
+    /// (the right flank grows or shrinks).
+    Variants(VariantsArgs),
     /// Measure training throughput.
     Bench(BenchArgs),
     /// Pre-train a model with masked language modelling on a DNA corpus.
@@ -456,6 +463,30 @@ struct ScanArgs {
 }
 
 #[derive(Args)]
+struct VariantsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Variants (VCF, optionally gzipped; CHROM POS ID REF ALT are read).
+    #[arg(long)]
+    vcf: PathBuf,
+    /// Genome FASTA the VCF's coordinates refer to (optionally gzipped).
+    #[arg(long)]
+    genome: PathBuf,
+    /// Window width in bases: the length of the sequences the model was trained on.
+    #[arg(long)]
+    window: usize,
+    /// The class whose probability is compared.
+    #[arg(long, default_value_t = 1)]
+    class: usize,
+    /// Score each window and its reverse complement and average their class probabilities.
+    #[arg(long)]
+    average_strands: bool,
+    /// Output TSV file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -529,6 +560,7 @@ pub fn main() -> i32 {
         Command::Eval(a) => eval_cmd(a, device),
         Command::Explain(a) => explain_cmd(a, device),
         Command::Scan(a) => scan_cmd(a, device),
+        Command::Variants(a) => variants_cmd(a, device),
         Command::Bench(a) => bench_cmd(a, device),
         Command::Pretrain(a) => pretrain_cmd(*a, device),
         Command::Merge(a) => merge_cmd(a),
@@ -880,6 +912,22 @@ fn load_for_inference(
     Ok((loaded, tokenizer))
 }
 
+/// A loaded model with the tokenizer and batching its arguments ask for.
+fn predictor<'a>(
+    loaded: &'a model::LoadedModel,
+    tokenizer: &'a dyn Tokenizer,
+    a: &ModelArgs,
+    device: &'a candle_core::Device,
+) -> train::Predictor<'a> {
+    train::Predictor {
+        model: &loaded.model,
+        tokenizer,
+        max_len: a.max_length,
+        batch_size: a.batch_size,
+        device,
+    }
+}
+
 fn read_opts(a: &ModelArgs, labels: LabelPolicy) -> ReadOptions {
     ReadOptions {
         sequence_column: a.sequence_column.clone(),
@@ -943,11 +991,7 @@ fn explain_cmd(a: ExplainArgs, device: Option<&str>) -> Result<()> {
     let ds = data::read_records(input, &read_opts(model, LabelPolicy::Optional))?;
     report_skipped(&ds, input);
     let explainer = crate::explain::Explainer {
-        model: &loaded.model,
-        tokenizer: tokenizer.as_ref(),
-        max_len: model.max_length,
-        batch_size: model.batch_size,
-        device: &device,
+        predictor: predictor(&loaded, tokenizer.as_ref(), model, &device),
         motif_width: a.motif_width,
     };
     let bar = indicatif::ProgressBar::new(ds.records.len() as u64);
@@ -1016,13 +1060,7 @@ fn scan_cmd(a: ScanArgs, device: Option<&str>) -> Result<()> {
     let device = chosen_device(device)?;
     let (loaded, tokenizer) = load_for_inference(&a.model, &device)?;
     let num_labels = loaded.model.num_labels;
-    if a.class >= num_labels {
-        bail!(
-            "--class {} is not a class of this model (classes 0 to {})",
-            a.class,
-            num_labels - 1
-        );
-    }
+    check_class(a.class, num_labels)?;
     let opts = read_opts(&a.model, LabelPolicy::Optional);
     let regions: Vec<crate::scan::ScanRegion> = match (&a.input, &a.bed, &a.genome) {
         (Some(input), _, _) => {
@@ -1043,11 +1081,7 @@ fn scan_cmd(a: ScanArgs, device: Option<&str>) -> Result<()> {
         _ => bail!("give --input, or --bed with --genome"),
     };
     let scanner = crate::scan::Scanner {
-        model: &loaded.model,
-        tokenizer: tokenizer.as_ref(),
-        max_len: a.model.max_length,
-        batch_size: a.model.batch_size,
-        device: &device,
+        predictor: predictor(&loaded, tokenizer.as_ref(), &a.model, &device),
         width: a.window,
         stride: a.stride,
         both_strands: a.average_strands,
@@ -1075,6 +1109,72 @@ fn scan_cmd(a: ScanArgs, device: Option<&str>) -> Result<()> {
         a.out.join("hits.bed").display(),
         a.threshold
     );
+    Ok(())
+}
+
+fn variants_cmd(a: VariantsArgs, device: Option<&str>) -> Result<()> {
+    if a.window == 0 {
+        bail!("--window must be at least 1");
+    }
+    let device = chosen_device(device)?;
+    let (loaded, tokenizer) = load_for_inference(&a.model, &device)?;
+    check_class(a.class, loaded.model.num_labels)?;
+    let opts = read_opts(&a.model, LabelPolicy::Optional);
+    let (variants, skipped) = data::read_variant_windows(&a.vcf, &a.genome, a.window, &opts)?;
+    if skipped > 0 {
+        eprintln!(
+            "skipped {skipped} variants that could not be scored in {}",
+            a.vcf.display()
+        );
+    }
+    let predictor = predictor(&loaded, tokenizer.as_ref(), &a.model, &device);
+    let strands = if a.average_strands { 2 } else { 1 };
+    let bar = indicatif::ProgressBar::new((2 * strands * variants.len()) as u64);
+    let effects = crate::variants::score_variants(
+        &predictor,
+        &variants,
+        a.class,
+        a.average_strands,
+        Some(&bar),
+    )?;
+    bar.finish_and_clear();
+    crate::variants::write_effects(&a.out, &variants, &effects)?;
+    println!(
+        "scored {} variants: {} (class {} probability with each allele)",
+        variants.len(),
+        a.out.display(),
+        a.class
+    );
+    let mut strongest: Vec<usize> = (0..variants.len()).collect();
+    strongest.sort_by(|&i, &j| {
+        let size = |k: usize| effects[k].log_odds_change().abs();
+        size(j).total_cmp(&size(i))
+    });
+    for &i in strongest.iter().take(5) {
+        let (v, e) = (&variants[i], &effects[i]);
+        println!(
+            "  {}:{} {}>{} ({}): {:.3} -> {:.3}, log-odds {:+.2}",
+            v.chrom,
+            v.pos,
+            v.reference,
+            v.alternate,
+            v.id,
+            e.ref_prob,
+            e.alt_prob,
+            e.log_odds_change()
+        );
+    }
+    Ok(())
+}
+
+/// Rejects a `--class` the model does not have.
+fn check_class(class: usize, num_labels: usize) -> Result<()> {
+    if class >= num_labels {
+        bail!(
+            "--class {class} is not a class of this model (classes 0 to {})",
+            num_labels - 1
+        );
+    }
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use super::{
 /// Loads a whole genome FASTA (optionally gzipped) into memory: chromosome name -> raw bases.
 ///
 /// Bases are kept as read (soft-masked lower case included); cut regions are upper-cased later.
-fn load_genome(path: &Path) -> Result<HashMap<String, Vec<u8>>, DataError> {
+pub(super) fn load_genome(path: &Path) -> Result<HashMap<String, Vec<u8>>, DataError> {
     let mut genome: HashMap<String, Vec<u8>> = HashMap::new();
     let mut current: Option<String> = None;
     for_each_line(path, open(path, is_gz(path))?, |line_no, line| {

@@ -7,6 +7,7 @@
 mod bed;
 mod read;
 mod split;
+mod vcf;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 pub use bed::{read_bed_regions, read_genome_regions, GenomeRegion};
 pub use read::read_records;
 pub use split::{load_splits, read_split_csv, split_records, write_records_csv, write_split_csv};
+pub use vcf::{read_variant_windows, VariantWindows};
 
 /// One labelled (or, for prediction, unlabelled) DNA sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -138,6 +138,52 @@ pub fn predict_strands(
     Ok(probs)
 }
 
+/// A model with its tokenizer and batching: what scoring raw sequences needs (`explain`, `scan`,
+/// `variants`).
+pub struct Predictor<'a> {
+    pub model: &'a SequenceClassifier,
+    pub tokenizer: &'a dyn Tokenizer,
+    /// Most tokens a sequence may have.
+    pub max_len: usize,
+    pub batch_size: usize,
+    pub device: &'a Device,
+}
+
+impl Predictor<'_> {
+    /// Class probabilities (row-major N x C) of `sequences`, averaged over both strands with
+    /// `both_strands`. None is cut short: a sequence longer than `max_len` tokens is the error
+    /// `too_long` makes of its index, so the caller can name it.
+    pub fn whole_sequence_probabilities(
+        &self,
+        sequences: &[&str],
+        both_strands: bool,
+        progress: Option<&ProgressBar>,
+        too_long: impl Fn(usize) -> anyhow::Error,
+    ) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
+        let encode = |s: &str| self.tokenizer.encode(s, Some(self.max_len + 1));
+        let forward: Vec<Vec<u32>> = sequences.par_iter().map(|s| encode(s)).collect();
+        if let Some(i) = forward.iter().position(|ids| ids.len() > self.max_len) {
+            return Err(too_long(i));
+        }
+        let reverse: Option<Vec<Vec<u32>>> = both_strands.then(|| {
+            sequences
+                .par_iter()
+                .map(|s| encode(&data::reverse_complement(s)))
+                .collect()
+        });
+        predict_strands(
+            self.model,
+            &forward,
+            reverse.as_deref(),
+            self.tokenizer.special_tokens().pad,
+            self.batch_size,
+            self.device,
+            progress,
+        )
+    }
+}
+
 /// Metrics (with mean cross-entropy as `loss`) of `model` on labelled sequences, scored on one
 /// strand or, with `reverse`, averaged over both (see [`predict_strands`]).
 pub fn evaluate(
