@@ -3,7 +3,8 @@
 //! A model fine-tuned on 101-bp ChIP-seq windows answers "is this window bound?"; a lab wants to
 //! know where in a locus, a promoter set or a whole chromosome the binding sites are. The scan
 //! tiles each sequence with windows of the training width (a last window is aligned to the end so
-//! every base is covered), scores every window, and turns the windows into genome tracks:
+//! every base is covered), scores every window but those all N, and turns the windows into
+//! genome tracks:
 //! each base's score is the mean class probability of the windows covering it (a bedGraph that
 //! genome browsers draw and `bedGraphToBigWig` converts), and the stretches where that score
 //! reaches a threshold are the hits (a BED file).
@@ -156,14 +157,21 @@ pub struct Scanner<'a> {
 const WINDOWS_PER_CHUNK: usize = 16_384;
 
 impl Scanner<'_> {
-    /// Scores every window of `region`; fails, naming the window, when one tokenizes to more than
-    /// `max_len` tokens (its tail would be cut off without a word).
+    /// Scores every window of `region` but those all N (assembly gaps: nothing to score, and
+    /// a chromosome's gaps would otherwise cost as much as its sequence); fails, naming the
+    /// window, when one tokenizes to more than `max_len` tokens (its tail would be cut off
+    /// without a word).
     pub fn scan(
         &self,
         region: &ScanRegion,
         progress: Option<&ProgressBar>,
     ) -> Result<ScannedRegion> {
-        let windows = windows(region.seq.len(), self.width, self.stride);
+        let mut windows = windows(region.seq.len(), self.width, self.stride);
+        let tiled = windows.len();
+        windows.retain(|w| region.seq.as_bytes()[w.clone()].iter().any(|&b| b != b'N'));
+        if let Some(pb) = progress {
+            pb.inc(((tiled - windows.len()) * (1 + usize::from(self.both_strands))) as u64);
+        }
         let mut probs = Vec::with_capacity(windows.len() * self.predictor.model.num_labels);
         for chunk in windows.chunks(WINDOWS_PER_CHUNK) {
             let bases: Vec<&str> = chunk.iter().map(|w| &region.seq[w.clone()]).collect();

@@ -61,7 +61,8 @@ enum Command {
     /// them the model calls the class.
     ///
     /// Windows of `--window` bases (the training sequences' length) every `--stride` bases, the
-    /// last aligned to the end. `--out` is a directory: windows.tsv (each window's class
+    /// last aligned to the end; windows all N (assembly gaps) are not scored and leave a gap in
+    /// the tracks. `--out` is a directory: windows.tsv (each window's class
     /// probabilities), scores.bedgraph (per base, the mean probability of `--class` over the
     /// windows covering it) and hits.bed (the stretches where that reaches `--threshold`; BED
     /// score 1000 x their highest). 0-based half-open coordinates: on the chromosome for BED
@@ -1099,8 +1100,15 @@ fn scan_cmd(a: ScanArgs, device: Option<&str>) -> Result<()> {
     }
     bar.finish_and_clear();
     let hits = crate::scan::write_scan(&a.out, &scanned, num_labels, a.class, a.threshold)?;
+    let scored: usize = scanned.iter().map(|(_, s)| s.windows.len()).sum();
+    if scored < total {
+        println!(
+            "{} windows all N (assembly gaps) not scored",
+            total - scored
+        );
+    }
     println!(
-        "scanned {} sequences in {total} windows: {} (window probabilities), {} (per-base \
+        "scanned {} sequences in {scored} windows: {} (window probabilities), {} (per-base \
          mean of class {}), {} ({hits} stretches at or above {})",
         scanned.len(),
         a.out.join("windows.tsv").display(),
