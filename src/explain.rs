@@ -233,10 +233,30 @@ impl Explainer<'_> {
         }
     }
 
+    /// Rejects a sequence the tokenizer makes longer than `max_len` tokens: cut short, its tail
+    /// would look as if no base there mattered.
+    fn check_length(&self, seq: &str) -> Result<()> {
+        let max_len = self.predictor.max_len;
+        let tokens = self
+            .predictor
+            .tokenizer
+            .encode(seq, Some(max_len + 1))
+            .len();
+        if tokens > max_len {
+            bail!(
+                "the sequence ({} bases) is more than --max-length {max_len} tokens; the bases \
+                 past it would look as if they had no effect: raise --max-length",
+                seq.len()
+            );
+        }
+        Ok(())
+    }
+
     /// Mutagenesis of `seq` for `class`, or for the class the model predicts for `seq`.
     pub fn mutagenesis(&self, seq: &str, class: Option<usize>) -> Result<Explanation> {
         use rayon::prelude::*;
         self.check_class(class)?;
+        self.check_length(seq)?;
         let classes = self.predictor.model.num_labels;
         let bases = seq.as_bytes();
         let subs = substitutions(bases);
@@ -301,6 +321,10 @@ impl Explainer<'_> {
         class: Option<usize>,
     ) -> Result<Vec<Explanation>> {
         self.check_class(class)?;
+        for (i, seq) in seqs.iter().enumerate() {
+            self.check_length(seq)
+                .with_context(|| format!("sequence {} of the batch", i + 1))?;
+        }
         let classes = self.predictor.model.num_labels;
         if seqs.is_empty() {
             return Ok(Vec::new());

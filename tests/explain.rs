@@ -305,4 +305,14 @@ fn explain_writes_a_row_per_base_and_the_strongest_window_per_sequence() {
         err.contains("class 7 does not exist") && err.contains("`first`"),
         "{err}"
     );
+    // A sequence longer than --max-length tokens is refused by both methods, not explained
+    // with a tail of zero importance.
+    for method in ["mutagenesis", "gradient"] {
+        let bad = run(&["--max-length", "4", "--method", method]);
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(
+            bad.status.code() == Some(1) && err.contains("more than --max-length 4 tokens"),
+            "{err}"
+        );
+    }
 }
