@@ -231,6 +231,21 @@ fn scanning_a_locus_scores_its_windows_as_predict_scores_them(model: &Path, dir:
         })
         .collect();
     assert_eq!(hits, expected);
+    // Overlapping regions are scanned, with a warning that their tracks overlap.
+    std::fs::write(
+        dir.join("overlap.bed"),
+        "chrGap\t0\t200\nchrGap\t150\t420\n",
+    )
+    .unwrap();
+    let overlap_bed = path("overlap.bed");
+    let mut args = vec!["scan", "--bed", &overlap_bed, "--genome", &genome];
+    args.extend(["--window", "101", "--out", &short_dir]);
+    args.extend(common);
+    let stderr = String::from_utf8(dnatune(&args).stderr).unwrap();
+    assert!(
+        stderr.contains("chrGap:0-200 and chrGap:150-420 overlap"),
+        "{stderr}"
+    );
     // A window longer than --max-length tokens is an error naming it, not a silent truncation.
     let out = Command::new(env!("CARGO_BIN_EXE_dnatune"))
         .args([

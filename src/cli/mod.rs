@@ -1077,6 +1077,7 @@ fn scan_cmd(a: ScanArgs, device: Option<&str>) -> Result<()> {
                     bed.display()
                 );
             }
+            warn_overlaps(&regions);
             regions.into_iter().map(Into::into).collect()
         }
         _ => bail!("give --input, or --bed with --genome"),
@@ -1173,6 +1174,23 @@ fn variants_cmd(a: VariantsArgs, device: Option<&str>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Warns about the first pair of overlapping regions: their tracks would overlap too, which
+/// genome browsers draw but `bedGraphToBigWig` refuses.
+fn warn_overlaps(regions: &[data::GenomeRegion]) {
+    let mut sorted: Vec<&data::GenomeRegion> = regions.iter().collect();
+    sorted.sort_by(|a, b| (&a.chrom, a.start).cmp(&(&b.chrom, b.start)));
+    if let Some(pair) = sorted
+        .windows(2)
+        .find(|p| p[0].chrom == p[1].chrom && p[1].start < p[0].end)
+    {
+        eprintln!(
+            "warning: regions {}:{}-{} and {}:{}-{} overlap, and so will their windows and \
+             bedGraph lines (merge the BED first, e.g. `bedtools merge`, for a bigWig)",
+            pair[0].chrom, pair[0].start, pair[0].end, pair[1].chrom, pair[1].start, pair[1].end
+        );
+    }
 }
 
 /// Rejects a `--class` the model does not have.
