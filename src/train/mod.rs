@@ -48,14 +48,28 @@ pub fn encode_strands(
     max_len: usize,
     both_strands: bool,
 ) -> (Vec<Vec<u32>>, Option<Vec<Vec<u32>>>) {
+    let sequences: Vec<&str> = records.iter().map(|r| r.seq.as_str()).collect();
+    encode_sequences(&sequences, tokenizer, max_len, both_strands)
+}
+
+/// Token ids of `sequences`, each cut at `max_len` tokens, in parallel; with `both_strands` also
+/// those of their reverse complements.
+fn encode_sequences(
+    sequences: &[&str],
+    tokenizer: &dyn Tokenizer,
+    max_len: usize,
+    both_strands: bool,
+) -> (Vec<Vec<u32>>, Option<Vec<Vec<u32>>>) {
     use rayon::prelude::*;
+    let encode = |s: &str| tokenizer.encode(s, Some(max_len));
+    let forward = sequences.par_iter().map(|s| encode(s)).collect();
     let reverse = both_strands.then(|| {
-        records
+        sequences
             .par_iter()
-            .map(|r| tokenizer.encode(&data::reverse_complement(&r.seq), Some(max_len)))
+            .map(|s| encode(&data::reverse_complement(s)))
             .collect()
     });
-    (encode_all(records, tokenizer, max_len), reverse)
+    (forward, reverse)
 }
 
 /// The (batch, seq) id and mask tensors of a collated batch.
@@ -160,18 +174,12 @@ impl Predictor<'_> {
         progress: Option<&ProgressBar>,
         too_long: impl Fn(usize) -> anyhow::Error,
     ) -> Result<Vec<f32>> {
-        use rayon::prelude::*;
-        let encode = |s: &str| self.tokenizer.encode(s, Some(self.max_len + 1));
-        let forward: Vec<Vec<u32>> = sequences.par_iter().map(|s| encode(s)).collect();
+        // One token over the limit is enough to tell a sequence that would have been cut short.
+        let (forward, reverse) =
+            encode_sequences(sequences, self.tokenizer, self.max_len + 1, both_strands);
         if let Some(i) = forward.iter().position(|ids| ids.len() > self.max_len) {
             return Err(too_long(i));
         }
-        let reverse: Option<Vec<Vec<u32>>> = both_strands.then(|| {
-            sequences
-                .par_iter()
-                .map(|s| encode(&data::reverse_complement(s)))
-                .collect()
-        });
         predict_strands(
             self.model,
             &forward,
