@@ -222,6 +222,58 @@ fn skip_invalid_drops_bad_sequences_and_reports_the_count() {
     assert_eq!(metrics["n"], 2, "{metrics}");
 }
 
+/// An IUPAC code fails with a hint at the option; with `--ambiguous-as-n` it is read as N: the
+/// prediction equals that of the sequence written with N, in predict and in prepare-bed.
+#[test]
+fn ambiguous_as_n_reads_iupac_codes_as_n_and_the_error_points_to_it() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let coded = write(
+        tmp.path(),
+        "coded.csv",
+        "sequence\nACGTACGTAC\nACGyACGTkA\n",
+    );
+    let plain = write(
+        tmp.path(),
+        "plain.csv",
+        "sequence\nACGTACGTAC\nACGNACGTNA\n",
+    );
+    let predict = |input: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec!["predict", "--model", s(&model), "--input", s(input)];
+        args.extend(["--out", s(out)]);
+        args.extend(extra);
+        dnatune(&args)
+    };
+    let from_coded = tmp.path().join("coded-preds.csv");
+    let at = format!("{}:3:4", coded.display());
+    assert_fails_with(
+        &predict(&coded, &from_coded, &[]),
+        &[&at, "'y'", "--ambiguous-as-n"],
+    );
+    assert_ok(&predict(&coded, &from_coded, &["--ambiguous-as-n"]));
+    let from_plain = tmp.path().join("plain-preds.csv");
+    assert_ok(&predict(&plain, &from_plain, &[]));
+    let (_, coded_rows) = read_preds(&from_coded);
+    let (_, plain_rows) = read_preds(&from_plain);
+    assert_eq!(coded_rows.len(), 2);
+    // Same tokens and probabilities; the ids differ by file name.
+    let without_ids =
+        |rows: &[Vec<String>]| rows.iter().map(|r| r[1..].to_vec()).collect::<Vec<_>>();
+    assert_eq!(without_ids(&coded_rows), without_ids(&plain_rows));
+
+    let genome = write(tmp.path(), "genome.fa", ">chr1\nAACMGGTTAC\n");
+    let bed = write(tmp.path(), "r.bed", "chr1\t1\t6\n");
+    let out = tmp.path().join("regions.csv");
+    let bed_arg = format!("{}=1", s(&bed));
+    let mut args = vec!["prepare-bed", "--genome", s(&genome), "--bed", &bed_arg];
+    args.extend(["--out", s(&out)]);
+    assert_fails_with(&dnatune(&args), &["r.bed:1", "'M'", "--ambiguous-as-n"]);
+    args.push("--ambiguous-as-n");
+    assert_ok(&dnatune(&args));
+    let csv = fs::read_to_string(&out).unwrap();
+    assert_eq!(csv, "id,chrom,sequence,label\nchr1:1-6,chr1,ACNGG,1\n");
+}
+
 /// Rewrites `model.safetensors` in `dir` with `name` stored as `[rows, cols / 2]` (truncated data).
 fn halve_last_dim(dir: &Path, name: &str) {
     use safetensors::tensor::{serialize, SafeTensors, TensorView};

@@ -210,6 +210,9 @@ struct PrepareBedArgs {
     /// Skip regions whose sequence has letters other than ACGTN instead of failing.
     #[arg(long)]
     skip_invalid: bool,
+    /// Read IUPAC ambiguity codes (R, Y, S, W, K, M, B, D, H, V) as N instead of failing.
+    #[arg(long)]
+    ambiguous_as_n: bool,
 }
 
 fn parse_bed_label(text: &str) -> std::result::Result<(PathBuf, usize), String> {
@@ -311,6 +314,9 @@ struct TrainArgs {
     class_weights: Option<ClassWeights>,
     #[arg(long)]
     skip_invalid: bool,
+    /// Read IUPAC ambiguity codes (R, Y, S, W, K, M, B, D, H, V) as N instead of failing.
+    #[arg(long)]
+    ambiguous_as_n: bool,
     #[arg(long)]
     sequence_column: Option<String>,
     #[arg(long)]
@@ -344,6 +350,9 @@ struct ModelArgs {
     label_column: String,
     #[arg(long)]
     skip_invalid: bool,
+    /// Read IUPAC ambiguity codes (R, Y, S, W, K, M, B, D, H, V) as N instead of failing.
+    #[arg(long)]
+    ambiguous_as_n: bool,
     /// Run the base quantized (as QLoRA trained it) instead of in full precision.
     #[arg(long, value_enum)]
     quantize: Option<QuantKind>,
@@ -752,6 +761,7 @@ fn init_model(a: InitModelArgs) -> Result<()> {
 fn prepare_bed(a: PrepareBedArgs) -> Result<()> {
     let opts = ReadOptions {
         skip_invalid: a.skip_invalid,
+        ambiguous_as_n: a.ambiguous_as_n,
         ..ReadOptions::default()
     };
     let mut records = Vec::new();
@@ -868,6 +878,7 @@ fn train_cmd(a: TrainArgs, device: Option<&str>) -> Result<()> {
         cfg.class_weights = a.class_weights.clone();
     }
     cfg.skip_invalid |= a.skip_invalid;
+    cfg.ambiguous_as_n |= a.ambiguous_as_n;
     match &a.seeds {
         Some(seeds) => {
             train::run_seeds(&cfg, seeds)?;
@@ -934,6 +945,7 @@ fn read_opts(a: &ModelArgs, labels: LabelPolicy) -> ReadOptions {
         sequence_column: a.sequence_column.clone(),
         label_column: a.label_column.clone(),
         skip_invalid: a.skip_invalid,
+        ambiguous_as_n: a.ambiguous_as_n,
         labels,
     }
 }
@@ -1402,10 +1414,8 @@ fn inspect_cmd(a: InspectArgs) -> Result<()> {
 /// `bench --tokenize FILE`: the model's tokenizer over the sequences of a CSV/FASTA.
 fn bench_tokenize_cmd(a: &BenchArgs, path: &Path) -> Result<()> {
     let opts = ReadOptions {
-        sequence_column: "sequence".into(),
-        label_column: "label".into(),
-        skip_invalid: false,
         labels: LabelPolicy::Optional,
+        ..ReadOptions::default()
     };
     let ds = data::read_records(path, &opts)?;
     if ds.records.is_empty() {

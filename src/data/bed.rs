@@ -5,7 +5,8 @@ use std::path::Path;
 
 use super::read::{for_each_line, is_gz, open};
 use super::{
-    reverse_complement, validate_sequence, DataError, Dataset, LabelPolicy, ReadOptions, Record,
+    allowed_letters, reverse_complement, validate_sequence, DataError, Dataset, LabelPolicy,
+    ReadOptions, Record,
 };
 
 /// Loads a whole genome FASTA (optionally gzipped) into memory: chromosome name -> raw bases.
@@ -143,7 +144,7 @@ pub fn read_genome_regions(
         }
         // Lossy: a non-ASCII byte becomes U+FFFD, which validation then reports.
         let raw = String::from_utf8_lossy(&chrom_seq[start..end]);
-        let seq = match validate_sequence(&raw) {
+        let seq = match validate_sequence(&raw, opts.ambiguous_as_n) {
             Ok(s) => s,
             Err(_) if opts.skip_invalid => {
                 skipped += 1;
@@ -155,8 +156,9 @@ pub fn read_genome_regions(
                     line_no,
                     format!(
                         "region {chrom}:{start}-{end} contains {c:?} at genome position {} \
-                         (allowed: A, C, G, T, N; --skip-invalid skips such regions)",
-                        start + offset
+                         ({}; --skip-invalid skips such regions)",
+                        start + offset,
+                        allowed_letters(c)
                     ),
                 ))
             }

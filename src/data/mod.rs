@@ -106,6 +106,9 @@ pub struct ReadOptions {
     pub label_column: String,
     /// Drop records with invalid sequences (counted in [`Dataset::skipped`]) instead of failing.
     pub skip_invalid: bool,
+    /// Read IUPAC ambiguity codes (R, Y, S, W, K, M, B, D, H, V) as N instead of failing: the
+    /// few such bases in a genome assembly or a consensus sequence then do not reject the record.
+    pub ambiguous_as_n: bool,
     pub labels: LabelPolicy,
 }
 
@@ -115,6 +118,7 @@ impl Default for ReadOptions {
             sequence_column: "sequence".into(),
             label_column: "label".into(),
             skip_invalid: false,
+            ambiguous_as_n: false,
             labels: LabelPolicy::Required,
         }
     }
@@ -127,19 +131,34 @@ pub struct Dataset {
     pub skipped: usize,
 }
 
+/// The IUPAC codes for two or more bases, N aside.
+const IUPAC_AMBIGUOUS: &str = "RYSWKMBDHV";
+
 /// Checks the DNA alphabet and upper-cases.
 ///
-/// Only `A`, `C`, `G`, `T`, `N` (any case) pass; the error gives the 0-based character offset and the
-/// offending character. An empty string passes here; readers reject empty sequences themselves.
-pub fn validate_sequence(seq: &str) -> Result<String, (usize, char)> {
+/// Only `A`, `C`, `G`, `T`, `N` (any case) pass, and with `ambiguous_as_n` the IUPAC ambiguity
+/// codes too, as `N`; the error gives the 0-based character offset and the offending character.
+/// An empty string passes here; readers reject empty sequences themselves.
+pub fn validate_sequence(seq: &str, ambiguous_as_n: bool) -> Result<String, (usize, char)> {
     let mut out = String::with_capacity(seq.len());
     for (i, c) in seq.chars().enumerate() {
         match c.to_ascii_uppercase() {
             u @ ('A' | 'C' | 'G' | 'T' | 'N') => out.push(u),
+            u if ambiguous_as_n && IUPAC_AMBIGUOUS.contains(u) => out.push('N'),
             _ => return Err((i, c)),
         }
     }
     Ok(out)
+}
+
+/// What an error about the letter `c` tells the user is allowed, with the way out when `c` is an
+/// IUPAC code.
+pub(crate) fn allowed_letters(c: char) -> &'static str {
+    if IUPAC_AMBIGUOUS.contains(c.to_ascii_uppercase()) {
+        "allowed: A, C, G, T, N; --ambiguous-as-n reads IUPAC codes as N"
+    } else {
+        "allowed: A, C, G, T, N"
+    }
 }
 
 /// Reverse complement; keeps case, and complements IUPAC ambiguity codes so soft-masked or
@@ -289,10 +308,25 @@ mod tests {
 
     #[test]
     fn validate_uppercases_and_locates_bad_character() {
-        assert_eq!(validate_sequence("acgtN").unwrap(), "ACGTN");
-        assert_eq!(validate_sequence("ACXG"), Err((2, 'X')));
-        assert_eq!(validate_sequence("AC-G"), Err((2, '-')));
-        assert_eq!(validate_sequence("A G"), Err((1, ' ')));
+        assert_eq!(validate_sequence("acgtN", false).unwrap(), "ACGTN");
+        assert_eq!(validate_sequence("ACXG", false), Err((2, 'X')));
+        assert_eq!(validate_sequence("AC-G", false), Err((2, '-')));
+        assert_eq!(validate_sequence("A G", false), Err((1, ' ')));
+        assert_eq!(validate_sequence("ACRg", false), Err((2, 'R')));
+    }
+
+    #[test]
+    fn ambiguous_as_n_turns_every_iupac_code_and_only_those_into_n() {
+        assert_eq!(
+            validate_sequence("aRyswkmbdhvT", true).unwrap(),
+            "ANNNNNNNNNNT"
+        );
+        // U, gaps and other letters stay errors: they are not ambiguity codes.
+        for (seq, at, c) in [("ACU", 2, 'U'), ("R-A", 1, '-'), ("RXA", 1, 'X')] {
+            assert_eq!(validate_sequence(seq, true), Err((at, c)));
+        }
+        assert!(allowed_letters('k').contains("--ambiguous-as-n"));
+        assert!(!allowed_letters('X').contains("--ambiguous-as-n"));
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::path::Path;
 use flate2::read::MultiGzDecoder;
 
 use super::{
-    chrom_from_id, validate_sequence, DataError, Dataset, LabelPolicy, ReadOptions, Record,
+    allowed_letters, chrom_from_id, validate_sequence, DataError, Dataset, LabelPolicy,
+    ReadOptions, Record,
 };
 
 /// Input formats recognised by file extension.
@@ -271,7 +272,7 @@ fn read_delimited(
             ));
         }
         let raw_seq = &row[seq_col];
-        let seq = match validate_sequence(raw_seq) {
+        let seq = match validate_sequence(raw_seq, opts.ambiguous_as_n) {
             Ok(s) if !s.is_empty() => s,
             _ if opts.skip_invalid => {
                 data.skipped += 1;
@@ -284,9 +285,9 @@ fn read_delimited(
                     line,
                     offset + 1,
                     format!(
-                        "invalid character {c:?} at position {} of the sequence \
-                         (allowed: A, C, G, T, N)",
-                        offset + 1
+                        "invalid character {c:?} at position {} of the sequence ({})",
+                        offset + 1,
+                        allowed_letters(c)
                     ),
                 ))
             }
@@ -347,8 +348,9 @@ fn read_fasta(
                 line,
                 col,
                 format!(
-                    "invalid character {c:?} in sequence '{}' (allowed: A, C, G, T, N)",
-                    p.id
+                    "invalid character {c:?} in sequence '{}' ({})",
+                    p.id,
+                    allowed_letters(c)
                 ),
             ));
         }
@@ -389,7 +391,7 @@ fn read_fasta(
         if p.bad.is_some() {
             return Ok(());
         }
-        match validate_sequence(text) {
+        match validate_sequence(text, opts.ambiguous_as_n) {
             Ok(s) => p.seq.push_str(&s),
             Err((offset, c)) => p.bad = Some((line_no, offset + 1, c)),
         }

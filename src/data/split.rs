@@ -316,7 +316,8 @@ pub fn read_split_csv(path: &Path) -> Result<Splits, DataError> {
             }
         })?;
         let line = row.position().map_or(0, |p| p.line() as usize);
-        let seq = validate_sequence(&row[1]).map_err(|(offset, c)| {
+        // Written by dnatune from validated records: nothing ambiguous is left to read as N.
+        let seq = validate_sequence(&row[1], false).map_err(|(offset, c)| {
             DataError::at_column(path, line, offset + 1, format!("invalid character {c:?}"))
         })?;
         let label = match &row[2] {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::bed::load_genome;
 use super::read::{for_each_line, is_gz, open};
-use super::{validate_sequence, DataError, ReadOptions};
+use super::{allowed_letters, validate_sequence, DataError, ReadOptions};
 
 /// One alternate allele of a VCF line, with its reference and alternate windows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,7 +29,9 @@ pub struct VariantWindows {
 /// alternate allele of a multi-allelic line) and cuts `window` bases around each from
 /// `genome_fasta`. A REF that disagrees with the genome, an allele that is not plain bases
 /// (`<DEL>`, `*`, breakends) or a window holding letters other than A/C/G/T/N is an error naming
-/// the line, unless `opts.skip_invalid`: then it is skipped and counted (second value).
+/// the line, unless `opts.skip_invalid`: then it is skipped and counted (second value). With
+/// `opts.ambiguous_as_n`, IUPAC codes in the genome are read as N, and a REF base matches a code
+/// that stands for it (the VCF specification writes R as A, the first base it stands for).
 pub fn read_variant_windows(
     vcf: &Path,
     genome_fasta: &Path,
@@ -75,7 +77,15 @@ pub fn read_variant_windows(
             )
         })?;
         for alternate in fields[4].split(',') {
-            match variant_windows(chrom_seq, pos, reference, alternate, window) {
+            let cut = variant_windows(
+                chrom_seq,
+                pos,
+                reference,
+                alternate,
+                window,
+                opts.ambiguous_as_n,
+            );
+            match cut {
                 Ok((window_start, ref_seq, alt_seq)) => variants.push(VariantWindows {
                     chrom: chrom.to_string(),
                     pos,
@@ -115,8 +125,9 @@ fn variant_windows(
     reference: &str,
     alternate: &str,
     window: usize,
+    ambiguous_as_n: bool,
 ) -> Result<(usize, String, String), String> {
-    let allele = |a: &str, what: &str| match validate_sequence(a) {
+    let allele = |a: &str, what: &str| match validate_sequence(a, false) {
         Ok(s) if !s.is_empty() => Ok(s),
         _ => Err(format!(
             "the {what} allele '{a}' is not plain bases (A, C, G, T, N)"
@@ -130,8 +141,12 @@ fn variant_windows(
             "REF runs past the end of the chromosome (length {len})"
         ));
     }
-    let genome_ref = String::from_utf8_lossy(&chrom_seq[at..at + reference.len()]);
-    if !genome_ref.eq_ignore_ascii_case(&reference) {
+    let genome_ref = &chrom_seq[at..at + reference.len()];
+    let matches = |(&genome, allele): (&u8, u8)| {
+        genome.eq_ignore_ascii_case(&allele) || (ambiguous_as_n && stands_for(genome, allele))
+    };
+    if !genome_ref.iter().zip(reference.bytes()).all(matches) {
+        let genome_ref = String::from_utf8_lossy(genome_ref);
         return Err(format!(
             "REF does not match the genome, which has '{genome_ref}' there"
         ));
@@ -145,10 +160,11 @@ fn variant_windows(
         .min(at);
     let cut = |from: usize, to: usize| -> Result<String, String> {
         let raw = String::from_utf8_lossy(&chrom_seq[from..to.min(len)]);
-        validate_sequence(&raw).map_err(|(offset, c)| {
+        validate_sequence(&raw, ambiguous_as_n).map_err(|(offset, c)| {
             format!(
-                "the window holds {c:?} at genome position {}",
-                from + offset
+                "the window holds {c:?} at genome position {} ({})",
+                from + offset,
+                allowed_letters(c)
             )
         })
     };
@@ -159,6 +175,24 @@ fn variant_windows(
     let mut alt_seq = flank + &alternate + &cut(after, after + right_len)?;
     alt_seq.truncate(window);
     Ok((start, ref_seq, alt_seq))
+}
+
+/// Whether the IUPAC code `code` stands for `base` among others (R for A and G, ...).
+fn stands_for(code: u8, base: u8) -> bool {
+    let bases: &[u8] = match code.to_ascii_uppercase() {
+        b'R' => b"AG",
+        b'Y' => b"CT",
+        b'S' => b"CG",
+        b'W' => b"AT",
+        b'K' => b"GT",
+        b'M' => b"AC",
+        b'B' => b"CGT",
+        b'D' => b"AGT",
+        b'H' => b"ACT",
+        b'V' => b"ACG",
+        _ => b"",
+    };
+    bases.contains(&base.to_ascii_uppercase())
 }
 
 #[cfg(test)]
@@ -172,24 +206,24 @@ mod tests {
     #[test]
     fn windows_centre_the_allele_and_keep_the_width() {
         // SNV at 0-based 12 ('a'): window 7 from 9.
-        let (start, r, a) = variant_windows(CHROM, 13, "A", "G", 7).unwrap();
+        let (start, r, a) = variant_windows(CHROM, 13, "A", "G", 7, false).unwrap();
         assert_eq!((start, r.as_str(), a.as_str()), (9, "CGTACGT", "CGTGCGT"));
         // Deletion of CG at 0-based 8..10 ("ACG" -> "A"): the right flank grows by two bases.
-        let (start, r, a) = variant_windows(CHROM, 9, "ACG", "A", 9).unwrap();
+        let (start, r, a) = variant_windows(CHROM, 9, "ACG", "A", 9, false).unwrap();
         assert_eq!(
             (start, r.as_str(), a.as_str()),
             (5, "GTTACGTAC", "GTTATACGT")
         );
         // Insertion after 0-based 4: "G" -> "GAAA", the right flank shrinks.
-        let (start, r, a) = variant_windows(CHROM, 5, "G", "GAAA", 7).unwrap();
+        let (start, r, a) = variant_windows(CHROM, 5, "G", "GAAA", 7, false).unwrap();
         assert_eq!((start, r.as_str(), a.as_str()), (1, "ACCGGTT", "ACCGAAA"));
         // Near either end the window moves inside the chromosome.
-        let (start, r, a) = variant_windows(CHROM, 1, "A", "T", 5).unwrap();
+        let (start, r, a) = variant_windows(CHROM, 1, "A", "T", 5, false).unwrap();
         assert_eq!((start, r.as_str(), a.as_str()), (0, "AACCG", "TACCG"));
-        let (start, r, a) = variant_windows(CHROM, 25, "C", "A", 5).unwrap();
+        let (start, r, a) = variant_windows(CHROM, 25, "C", "A", 5, false).unwrap();
         assert_eq!((start, r.as_str(), a.as_str()), (20, "TTGGC", "TTGGA"));
         // A window wider than the chromosome is the chromosome.
-        let (start, r, _) = variant_windows(CHROM, 3, "C", "T", 100).unwrap();
+        let (start, r, _) = variant_windows(CHROM, 3, "C", "T", 100, false).unwrap();
         assert_eq!((start, r.len()), (0, CHROM.len()));
     }
 
@@ -201,11 +235,34 @@ mod tests {
             (13, "A", "*", "ALT allele '*'"),
             (25, "CA", "C", "past the end"),
         ] {
-            let e = variant_windows(CHROM, pos, reference, alternate, 7).unwrap_err();
+            let e = variant_windows(CHROM, pos, reference, alternate, 7, false).unwrap_err();
             assert!(e.contains(needle), "{pos} {reference}>{alternate}: {e}");
         }
-        let e = variant_windows(b"ACGTRACGT", 2, "C", "A", 5).unwrap_err();
+        let e = variant_windows(b"ACGTRACGT", 2, "C", "A", 5, false).unwrap_err();
         assert!(e.contains("holds 'R' at genome position 4"), "{e}");
+        assert!(e.contains("--ambiguous-as-n"), "{e}");
+    }
+
+    #[test]
+    fn ambiguous_as_n_reads_iupac_genome_bases_as_n_and_matches_refs_they_stand_for() {
+        const GENOME: &[u8] = b"ACGTRACGTk";
+        // An R in the window becomes N in both windows.
+        let (start, r, a) = variant_windows(GENOME, 2, "C", "A", 5, true).unwrap();
+        assert_eq!((start, r.as_str(), a.as_str()), (0, "ACGTN", "AAGTN"));
+        // A variant at the R itself: the specification's REF for R is A; G (also R) matches
+        // too, C does not. The lower-case k at the end stands for G or T.
+        for reference in ["A", "G", "a"] {
+            let (_, r, a) = variant_windows(GENOME, 5, reference, "T", 3, true).unwrap();
+            assert_eq!((r.as_str(), a.as_str()), ("TNA", "TTA"), "REF {reference}");
+        }
+        let e = variant_windows(GENOME, 5, "C", "T", 3, true).unwrap_err();
+        assert!(e.contains("which has 'R'"), "{e}");
+        assert!(variant_windows(GENOME, 10, "T", "A", 3, true).is_ok());
+        assert!(variant_windows(GENOME, 10, "A", "C", 3, true).is_err());
+        // Without the option the same REF is a mismatch.
+        assert!(variant_windows(GENOME, 5, "A", "T", 3, false)
+            .unwrap_err()
+            .contains("does not match"));
     }
 
     #[test]

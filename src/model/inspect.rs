@@ -252,10 +252,9 @@ pub fn inspect(
             let ds = crate::data::read_records(
                 path,
                 &crate::data::ReadOptions {
-                    sequence_column: "sequence".into(),
-                    label_column: "label".into(),
                     skip_invalid: true,
                     labels: crate::data::LabelPolicy::Optional,
+                    ..Default::default()
                 },
             )?;
             let recs = &ds.records[..ds.records.len().min(500)];

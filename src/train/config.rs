@@ -258,6 +258,8 @@ pub struct TrainConfig {
     pub label_column: String,
     /// Skip (and count) sequences with letters other than ACGTN instead of failing.
     pub skip_invalid: bool,
+    /// Read IUPAC ambiguity codes (R, Y, K, ...) as N instead of failing on them.
+    pub ambiguous_as_n: bool,
     pub split: SplitSettings,
     pub lora: LoraSettings,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -304,6 +306,7 @@ impl Default for TrainConfig {
             sequence_column: "sequence".into(),
             label_column: "label".into(),
             skip_invalid: false,
+            ambiguous_as_n: false,
             split: SplitSettings::default(),
             lora: LoraSettings::default(),
             device: "cpu".into(),

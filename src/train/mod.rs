@@ -282,6 +282,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         sequence_column: cfg.sequence_column.clone(),
         label_column: cfg.label_column.clone(),
         skip_invalid: cfg.skip_invalid,
+        ambiguous_as_n: cfg.ambiguous_as_n,
         labels: data::LabelPolicy::Required,
     };
     let split_cfg = data::SplitConfig {
