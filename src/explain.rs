@@ -271,9 +271,21 @@ impl Explainer<'_> {
                 let s = String::from_utf8(s).expect("ASCII bases stay ASCII");
                 self.predictor
                     .tokenizer
-                    .encode(&s, Some(self.predictor.max_len))
+                    .encode(&s, Some(self.predictor.max_len + 1))
             })
             .collect();
+        // A substitution can change how BPE splits the sequence; a mutant cut short would hide
+        // the change at its tail.
+        let max_len = self.predictor.max_len;
+        if let Some(k) = variants.iter().skip(1).position(|ids| ids.len() > max_len) {
+            let (pos, base) = subs[k];
+            bail!(
+                "with {} at position {} the sequence is more than --max-length {max_len} tokens; \
+                 raise --max-length",
+                base as char,
+                pos + 1
+            );
+        }
         let pad = self.predictor.tokenizer.special_tokens().pad;
         let logits = crate::train::predict(
             self.predictor.model,

@@ -1,18 +1,19 @@
-//! `explain`: in-silico mutagenesis against predictions of the mutants made by hand, and the
-//! files the command writes.
+//! `explain`: in-silico mutagenesis against predictions of the mutants made by hand, the
+//! files the command writes, and the --max-length checks of whole-sequence scoring.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
+use dnatune::data::{read_records, reverse_complement, LabelPolicy, ReadOptions};
 use dnatune::explain::{Explainer, BASES};
 use dnatune::model::config::{Architecture, ModelConfig};
 use dnatune::model::params::ParamBuilder;
 use dnatune::model::params::Trainable;
 use dnatune::model::{self, LoadOptions, Pooling, SequenceClassifier};
 use dnatune::ops::ForwardCtx;
-use dnatune::tokenize::load_tokenizer;
+use dnatune::tokenize::{load_tokenizer, Tokenizer};
 use dnatune::train::{predict, Predictor, Scores};
 use tempfile::TempDir;
 
@@ -315,4 +316,113 @@ fn explain_writes_a_row_per_base_and_the_strongest_window_per_sequence() {
             "{err}"
         );
     }
+}
+
+/// The shipped model, its tokenizer, and the sequences of the bundled GUE test split: real BPE
+/// splits, where a strand or a single substitution can change the token count.
+fn shipped_model_and_test_sequences() -> (model::LoadedModel, Box<dyn Tokenizer>, Vec<String>) {
+    let dir = repo("models/dnatune-dnabert2-small");
+    let opts = LoadOptions {
+        trainable: Trainable::Nothing,
+        ..LoadOptions::default()
+    };
+    let loaded = model::load_classifier(&dir, None, &opts, &Device::Cpu).unwrap();
+    let tokenizer = load_tokenizer(&dir).unwrap();
+    let read = ReadOptions {
+        labels: LabelPolicy::Optional,
+        ..ReadOptions::default()
+    };
+    let ds = read_records(&repo("data/gue-tf0/test.csv"), &read).unwrap();
+    let seqs = ds.records.into_iter().map(|r| r.seq).collect();
+    (loaded, tokenizer, seqs)
+}
+
+/// Whole-sequence scoring (scan, variants) checks both strands against --max-length: a sequence
+/// whose reverse complement BPE splits into one more token is refused at the forward strand's
+/// length on both strands, and scored on one strand or with one more token allowed.
+#[test]
+fn whole_sequence_scoring_refuses_a_reverse_strand_over_max_length() {
+    let (loaded, tokenizer, seqs) = shipped_model_and_test_sequences();
+    let tokens = |s: &str| tokenizer.encode(s, None).len();
+    let seq = seqs
+        .iter()
+        .find(|s| tokens(&reverse_complement(s)) > tokens(s))
+        .expect("a test sequence whose reverse complement has more tokens");
+    let (forward_len, reverse_len) = (tokens(seq), tokens(&reverse_complement(seq)));
+    let device = Device::Cpu;
+    let predictor = |max_len: usize| Predictor {
+        model: &loaded.model,
+        tokenizer: tokenizer.as_ref(),
+        max_len,
+        batch_size: 8,
+        device: &device,
+    };
+    let named = |i: usize| anyhow::anyhow!("sequence {i} is too long");
+    let score = |max_len: usize, both: bool| {
+        predictor(max_len).whole_sequence_probabilities(&[seq.as_str()], both, None, named)
+    };
+    let err = score(forward_len, true).unwrap_err();
+    assert_eq!(err.to_string(), "sequence 0 is too long");
+    assert!(score(forward_len, false).is_ok());
+    assert!(score(forward_len - 1, false).is_err());
+    let both = score(reverse_len, true).unwrap();
+    let one = score(reverse_len, false).unwrap();
+    assert_eq!(both.len(), 2);
+    assert!(
+        (both[1] - one[1]).abs() > 1e-6,
+        "the reverse strand is scored"
+    );
+}
+
+/// Mutagenesis refuses a sequence one of whose substitutions BPE splits into more than
+/// --max-length tokens, naming the substitution, instead of scoring that mutant cut short.
+#[test]
+fn mutagenesis_refuses_a_substitution_that_tokenizes_over_max_length() {
+    let (loaded, tokenizer, seqs) = shipped_model_and_test_sequences();
+    let tokens = |s: &[u8]| {
+        tokenizer
+            .encode(std::str::from_utf8(s).unwrap(), None)
+            .len()
+    };
+    // The first sequence with a substitution that adds a token, and all such substitutions.
+    let (seq, longer) = seqs
+        .iter()
+        .map(|seq| {
+            let own = tokens(seq.as_bytes());
+            let mut longer = Vec::new();
+            for pos in 0..seq.len() {
+                for &b in BASES.iter().filter(|&&b| b != seq.as_bytes()[pos]) {
+                    let mut m = seq.as_bytes().to_vec();
+                    m[pos] = b;
+                    if tokens(&m) > own {
+                        longer.push(format!("with {} at position {} ", b as char, pos + 1));
+                    }
+                }
+            }
+            (seq, longer)
+        })
+        .find(|(_, longer)| !longer.is_empty())
+        .expect("a substitution that BPE splits into more tokens");
+    let own = tokens(seq.as_bytes());
+    let device = Device::Cpu;
+    let explainer = |max_len: usize| Explainer {
+        predictor: Predictor {
+            model: &loaded.model,
+            tokenizer: tokenizer.as_ref(),
+            max_len,
+            batch_size: 64,
+            device: &device,
+        },
+        motif_width: 6,
+    };
+    let err = explainer(own)
+        .mutagenesis(seq, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("more than --max-length {own} tokens"))
+            && longer.iter().any(|l| err.contains(l.as_str())),
+        "{err}; longer mutants: {longer:?}"
+    );
+    assert!(explainer(own + 8).mutagenesis(seq, None).is_ok());
 }

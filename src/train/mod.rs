@@ -165,8 +165,9 @@ pub struct Predictor<'a> {
 
 impl Predictor<'_> {
     /// Class probabilities (row-major N x C) of `sequences`, averaged over both strands with
-    /// `both_strands`. None is cut short: a sequence longer than `max_len` tokens is the error
-    /// `too_long` makes of its index, so the caller can name it.
+    /// `both_strands`. None is cut short: a sequence longer than `max_len` tokens on either
+    /// strand (BPE may split the reverse complement into more tokens) is the error `too_long`
+    /// makes of its index, so the caller can name it.
     pub fn whole_sequence_probabilities(
         &self,
         sequences: &[&str],
@@ -177,7 +178,8 @@ impl Predictor<'_> {
         // One token over the limit is enough to tell a sequence that would have been cut short.
         let (forward, reverse) =
             encode_sequences(sequences, self.tokenizer, self.max_len + 1, both_strands);
-        if let Some(i) = forward.iter().position(|ids| ids.len() > self.max_len) {
+        let over = |strand: &[Vec<u32>]| strand.iter().position(|ids| ids.len() > self.max_len);
+        if let Some(i) = over(&forward).or_else(|| reverse.as_deref().and_then(over)) {
             return Err(too_long(i));
         }
         predict_strands(
