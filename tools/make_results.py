@@ -155,6 +155,13 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         list(pool.map(lambda job: run(*job), pending))
     hours = (time.time() - started) / 3600
+    if pending:
+        provenance = (
+            f"this invocation ran or resumed {len(pending)} of the {len(commands)} seed sweeps in {hours:.1f} h "
+            f"and reused the rest; a sweep also reuses every seed an earlier invocation finished"
+        )
+    else:
+        provenance = f"all {len(commands)} seed sweeps were run by earlier invocations and reused here"
     for task in tasks:
         for key in configs:
             summary = args.runs / task.replace("/", "-") / key / "seeds_summary.json"
@@ -172,9 +179,7 @@ def main() -> int:
         f"(sequences truncated to 128 tokens), evaluation on dev every {eval_every} steps, best dev "
         f"checkpoint tested; every configuration pools the mean over tokens and trains without hidden dropout "
         f"(see `SHARED_ARGS` in the script for why). {args.jobs} training process(es) of {args.threads} CPU thread(s) at a time. "
-        f"Made by `tools/make_results.py` "
-        f"(this invocation ran or resumed {len(pending)} of the {len(commands)} seed sweeps in {hours:.1f} h and "
-        f"reused the rest; a sweep also reuses every seed an earlier invocation finished).",
+        f"Made by `tools/make_results.py` ({provenance}).",
         "",
         "| task | DNABERT-2-117M (published) | " + " | ".join(f"({k}) {v[0]}" for k, v in configs.items()) + " |",
         "| --- | --- | " + " | ".join("---" for _ in configs) + " |",
