@@ -274,6 +274,39 @@ fn ambiguous_as_n_reads_iupac_codes_as_n_and_the_error_points_to_it() {
     assert_eq!(csv, "id,chrom,sequence,label\nchr1:1-6,chr1,ACNGG,1\n");
 }
 
+/// Sequences cut at --max-length are counted and the first named, on either strand, in predict
+/// and eval; nothing is said when all fit.
+#[test]
+fn predict_and_eval_warn_about_sequences_cut_at_max_length() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let long = "ACGT".repeat(30);
+    let text = format!("id,sequence,label\nshort,A,0\nlong1,{long},1\nlong2,G{long},1\n");
+    let input = write(tmp.path(), "x.csv", &text);
+    let preds = tmp.path().join("preds.csv");
+    let warning = "warning: 2 of 3 input sequences are longer than max length 3 tokens";
+    for strands in [&[][..], &["--average-strands"][..]] {
+        let mut args = vec!["predict", "--model", s(&model), "--input", s(&input)];
+        args.extend(["--out", s(&preds), "--max-length", "3"]);
+        args.extend(strands);
+        let out = dnatune(&args);
+        assert_ok(&out);
+        let err = stderr(&out);
+        assert!(err.contains(warning) && err.contains("`long1`"), "{err}");
+        args[0] = "eval";
+        args[3] = "--data";
+        args.drain(5..7);
+        let out = dnatune(&args);
+        assert_ok(&out);
+        assert!(stderr(&out).contains(warning), "{}", stderr(&out));
+    }
+    let mut args = vec!["predict", "--model", s(&model), "--input", s(&input)];
+    args.extend(["--out", s(&preds), "--max-length", "512"]);
+    let out = dnatune(&args);
+    assert_ok(&out);
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+}
+
 /// Rewrites `model.safetensors` in `dir` with `name` stored as `[rows, cols / 2]` (truncated data).
 fn halve_last_dim(dir: &Path, name: &str) {
     use safetensors::tensor::{serialize, SafeTensors, TensorView};

@@ -967,12 +967,14 @@ fn predict(cmd: PredictCmdArgs, device: Option<&str>) -> Result<()> {
     let ds = data::read_records(&a.input, &read_opts(&a.model, LabelPolicy::Optional))?;
     report_skipped(&ds, &a.input);
     let max_len = a.model.max_length;
-    let (ids, reverse) = train::encode_strands(
+    let encoded = train::encode_strands(
         &ds.records,
         tokenizer.as_ref(),
         max_len,
         cmd.average_strands,
     );
+    train::warn_truncated(&ds.records, &encoded.truncated, max_len, "input");
+    let (ids, reverse) = (encoded.forward, encoded.reverse);
     let strands = if reverse.is_some() { 2 } else { 1 };
     let bar = indicatif::ProgressBar::new((strands * ids.len()) as u64);
     let probs = train::predict_strands(
@@ -1221,12 +1223,11 @@ fn eval_cmd(a: EvalArgs, device: Option<&str>) -> Result<()> {
     let (loaded, tokenizer) = load_for_inference(&a.model, &device)?;
     let ds = data::read_records(&a.data, &read_opts(&a.model, LabelPolicy::Required))?;
     report_skipped(&ds, &a.data);
-    let (ids, reverse) = train::encode_strands(
-        &ds.records,
-        tokenizer.as_ref(),
-        a.model.max_length,
-        a.average_strands,
-    );
+    let max_len = a.model.max_length;
+    let encoded =
+        train::encode_strands(&ds.records, tokenizer.as_ref(), max_len, a.average_strands);
+    train::warn_truncated(&ds.records, &encoded.truncated, max_len, "input");
+    let (ids, reverse) = (encoded.forward, encoded.reverse);
     let labels: Vec<usize> = ds
         .records
         .iter()

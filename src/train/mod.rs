@@ -40,36 +40,78 @@ pub fn encode_all(records: &[Record], tokenizer: &dyn Tokenizer, max_len: usize)
         .collect()
 }
 
-/// [`encode_all`]'s ids and, with `both_strands`, those of the reverse complements in the same
-/// order: what [`predict_strands`] and [`evaluate`] take.
+/// Token ids of sequences on one or both strands, and which were cut short.
+pub struct Encoded {
+    pub forward: Vec<Vec<u32>>,
+    /// The reverse complements' ids in the same order, when both strands are scored: what
+    /// [`predict_strands`] and [`evaluate`] take.
+    pub reverse: Option<Vec<Vec<u32>>>,
+    /// Indices of the sequences longer than `max_len` tokens on either strand, in order.
+    pub truncated: Vec<usize>,
+}
+
+/// The records' ids cut at `max_len` tokens (see [`Encoded`]).
 pub fn encode_strands(
     records: &[Record],
     tokenizer: &dyn Tokenizer,
     max_len: usize,
     both_strands: bool,
-) -> (Vec<Vec<u32>>, Option<Vec<Vec<u32>>>) {
+) -> Encoded {
     let sequences: Vec<&str> = records.iter().map(|r| r.seq.as_str()).collect();
     encode_sequences(&sequences, tokenizer, max_len, both_strands)
 }
 
-/// Token ids of `sequences`, each cut at `max_len` tokens, in parallel; with `both_strands` also
-/// those of their reverse complements.
+/// Says on stderr how many of `records` ([`Encoded::truncated`]) were cut at `max_len` tokens:
+/// their tails do not reach the model, which a user should know before trusting the calls.
+pub fn warn_truncated(records: &[Record], truncated: &[usize], max_len: usize, what: &str) {
+    if let Some(&first) = truncated.first() {
+        eprintln!(
+            "warning: {} of {} {what} sequences are longer than max length {max_len} tokens and \
+             were cut short (the first: `{}`); raise --max-length to keep their tails",
+            truncated.len(),
+            records.len(),
+            records[first].id
+        );
+    }
+}
+
+/// [`Encoded`] `sequences`, in parallel.
 fn encode_sequences(
     sequences: &[&str],
     tokenizer: &dyn Tokenizer,
     max_len: usize,
     both_strands: bool,
-) -> (Vec<Vec<u32>>, Option<Vec<Vec<u32>>>) {
+) -> Encoded {
     use rayon::prelude::*;
-    let encode = |s: &str| tokenizer.encode(s, Some(max_len));
-    let forward = sequences.par_iter().map(|s| encode(s)).collect();
+    // One token over the limit tells a sequence that will be cut; only those are encoded again.
+    let encode = |s: &str| {
+        let ids = tokenizer.encode(s, Some(max_len.saturating_add(1)));
+        if ids.len() > max_len {
+            (tokenizer.encode(s, Some(max_len)), true)
+        } else {
+            (ids, false)
+        }
+    };
+    let (forward, mut cut): (Vec<_>, Vec<bool>) = sequences.par_iter().map(|s| encode(s)).unzip();
     let reverse = both_strands.then(|| {
-        sequences
+        let (ids, reverse_cut): (Vec<_>, Vec<bool>) = sequences
             .par_iter()
             .map(|s| encode(&data::reverse_complement(s)))
-            .collect()
+            .unzip();
+        cut.iter_mut().zip(reverse_cut).for_each(|(c, r)| *c |= r);
+        ids
     });
-    (forward, reverse)
+    let truncated = cut
+        .iter()
+        .enumerate()
+        .filter(|(_, &c)| c)
+        .map(|(i, _)| i)
+        .collect();
+    Encoded {
+        forward,
+        reverse,
+        truncated,
+    }
 }
 
 /// The (batch, seq) id and mask tensors of a collated batch.
@@ -175,17 +217,14 @@ impl Predictor<'_> {
         progress: Option<&ProgressBar>,
         too_long: impl Fn(usize) -> anyhow::Error,
     ) -> Result<Vec<f32>> {
-        // One token over the limit is enough to tell a sequence that would have been cut short.
-        let (forward, reverse) =
-            encode_sequences(sequences, self.tokenizer, self.max_len + 1, both_strands);
-        let over = |strand: &[Vec<u32>]| strand.iter().position(|ids| ids.len() > self.max_len);
-        if let Some(i) = over(&forward).or_else(|| reverse.as_deref().and_then(over)) {
+        let encoded = encode_sequences(sequences, self.tokenizer, self.max_len, both_strands);
+        if let Some(&i) = encoded.truncated.first() {
             return Err(too_long(i));
         }
         predict_strands(
             self.model,
-            &forward,
-            reverse.as_deref(),
+            &encoded.forward,
+            encoded.reverse.as_deref(),
             self.tokenizer.special_tokens().pad,
             self.batch_size,
             self.device,
@@ -241,11 +280,12 @@ fn prepare_split(
                 .with_context(|| format!("{what} record `{}` has no label", r.id))
         })
         .collect::<Result<Vec<_>>>()?;
-    let (ids, reverse) = encode_strands(&records, tokenizer, max_len, both_strands);
+    let encoded = encode_strands(&records, tokenizer, max_len, both_strands);
+    warn_truncated(&records, &encoded.truncated, max_len, what);
     Ok(SplitData {
         records,
-        ids,
-        reverse,
+        ids: encoded.forward,
+        reverse: encoded.reverse,
         labels,
     })
 }
