@@ -307,6 +307,150 @@ fn predict_and_eval_warn_about_sequences_cut_at_max_length() {
     assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
 }
 
+/// `train --folds 3` on one file: every record is tested in exactly one fold, by that fold's
+/// run; cv_predictions.csv pools the folds' test predictions, and folds_summary.json's pooled
+/// MCC and AUROC equal those recomputed by hand from it. A second invocation reuses the runs.
+#[test]
+fn cross_validation_tests_every_record_once_and_pools_the_folds() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = small_gue(tmp.path(), 90, &["dev"]).join("dev.csv");
+    let run = tmp.path().join("cv");
+    let mut args = vec!["train", "--model", s(&model), "--data", s(&data)];
+    args.extend(["--out", s(&run), "--folds", "3", "--method", "full"]);
+    args.extend([
+        "--max-steps",
+        "12",
+        "--eval-every",
+        "4",
+        "--batch-size",
+        "16",
+    ]);
+    args.extend(["--lr", "3e-3"]);
+    let first = dnatune(&args);
+    assert_ok(&first);
+
+    let read_csv = |path: &Path| -> Vec<Vec<String>> {
+        let mut rdr = csv::Reader::from_path(path).unwrap();
+        rdr.records()
+            .map(|r| r.unwrap().iter().map(str::to_string).collect())
+            .collect()
+    };
+    // cv_predictions.csv: fold, id, length, label, prediction, prob_0, prob_1.
+    let pooled = read_csv(&run.join("cv_predictions.csv"));
+    let input_ids: std::collections::BTreeSet<String> =
+        (2..=91).map(|i| format!("dev:{i}")).collect();
+    let pooled_ids: Vec<&String> = pooled.iter().map(|r| &r[1]).collect();
+    assert_eq!(pooled_ids.len(), 90);
+    assert_eq!(
+        pooled_ids
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<std::collections::BTreeSet<_>>(),
+        input_ids,
+        "each record exactly once"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(run.join("folds_summary.json")).unwrap()).unwrap();
+    for fold in 1..=3 {
+        let dir = run.join(format!("fold-{fold}"));
+        let own: Vec<Vec<String>> = pooled
+            .iter()
+            .filter(|r| r[0] == fold.to_string())
+            .map(|r| r[1..].to_vec())
+            .collect();
+        assert_eq!(
+            own,
+            read_csv(&dir.join("test_predictions.csv")),
+            "fold {fold}"
+        );
+        // The run's own split file holds those records as test, and none of them elsewhere.
+        let split = read_csv(&dir.join("split.csv"));
+        let tested: Vec<&String> = split
+            .iter()
+            .filter(|r| r[3] == "test")
+            .map(|r| &r[0])
+            .collect();
+        assert_eq!(tested, own.iter().map(|r| &r[0]).collect::<Vec<_>>());
+        let metrics: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap();
+        let mcc = &summary["test"][0];
+        assert_eq!(mcc["metric"], "mcc");
+        assert_eq!(mcc["values"][fold - 1], metrics["test"]["mcc"]);
+    }
+    // MCC from the confusion counts and AUROC as the fraction of (positive, negative) pairs
+    // ranked right (ties half), from the pooled file.
+    let label = |r: &Vec<String>| r[3] == "1";
+    let called = |r: &Vec<String>| r[4] == "1";
+    let count = |l: bool, c: bool| {
+        pooled
+            .iter()
+            .filter(|r| label(r) == l && called(r) == c)
+            .count() as f64
+    };
+    let (tp, tn, fp, fne) = (
+        count(true, true),
+        count(false, false),
+        count(false, true),
+        count(true, false),
+    );
+    let denominator = ((tp + fp) * (tp + fne) * (tn + fp) * (tn + fne)).sqrt();
+    assert!(
+        tp + fp > 0.0 && tn + fne > 0.0,
+        "both calls made, so the MCC check can fail"
+    );
+    let mcc = if denominator == 0.0 {
+        0.0
+    } else {
+        (tp * tn - fp * fne) / denominator
+    };
+    let score = |r: &Vec<String>| r[6].parse::<f64>().unwrap();
+    let (pos, neg): (Vec<_>, Vec<_>) = pooled.iter().partition(|r| label(r));
+    let mut right = 0.0;
+    for p in &pos {
+        for n in &neg {
+            right += match score(p).partial_cmp(&score(n)).unwrap() {
+                std::cmp::Ordering::Greater => 1.0,
+                std::cmp::Ordering::Equal => 0.5,
+                std::cmp::Ordering::Less => 0.0,
+            };
+        }
+    }
+    let auroc = right / (pos.len() * neg.len()) as f64;
+    let got = &summary["pooled"];
+    assert!(
+        (got["mcc"].as_f64().unwrap() - mcc).abs() < 1e-9,
+        "{got} vs {mcc}"
+    );
+    assert!(
+        (got["auroc"].as_f64().unwrap() - auroc).abs() < 1e-9,
+        "{got} vs {auroc}"
+    );
+    assert_eq!(got["n"], 90);
+
+    let again = dnatune(&args);
+    assert_ok(&again);
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert_eq!(
+        text.matches("reusing the finished run").count(),
+        3,
+        "{text}"
+    );
+
+    // A GUE directory has fixed splits; one fold is no cross-validation; seeds do not combine.
+    let gue = small_gue(tmp.path(), 8, &["train", "dev", "test"]);
+    let other = tmp.path().join("cv-gue");
+    let mut bad = vec!["train", "--model", s(&model), "--data", s(&gue)];
+    bad.extend(["--out", s(&other), "--folds", "3"]);
+    assert_fails_with(&dnatune(&bad), &["cross-validation splits one file"]);
+    bad[4] = s(&data);
+    bad[8] = "1";
+    assert_fails_with(&dnatune(&bad), &["at least 2 folds"]);
+    bad[8] = "3";
+    bad.extend(["--seeds", "1,2"]);
+    assert_eq!(dnatune(&bad).status.code(), Some(2), "a usage error");
+}
+
 /// Rewrites `model.safetensors` in `dir` with `name` stored as `[rows, cols / 2]` (truncated data).
 fn halve_last_dim(dir: &Path, name: &str) {
     use safetensors::tensor::{serialize, SafeTensors, TensorView};

@@ -275,6 +275,11 @@ struct TrainArgs {
     /// Run once per seed (comma-separated; each in OUT/seed-N) and report mean +- sd.
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
+    /// k-fold cross-validation of one input file: a run per fold (OUT/fold-K), each tested on
+    /// its fold, split by --split (whole chromosomes with `chromosome`); reports mean +- sd and
+    /// the metrics of all folds' predictions pooled (OUT/cv_predictions.csv).
+    #[arg(long, conflicts_with_all = ["seeds", "resume"])]
+    folds: Option<usize>,
     #[arg(long)]
     max_length: Option<usize>,
     #[arg(long)]
@@ -879,9 +884,15 @@ fn train_cmd(a: TrainArgs, device: Option<&str>) -> Result<()> {
     }
     cfg.skip_invalid |= a.skip_invalid;
     cfg.ambiguous_as_n |= a.ambiguous_as_n;
+    if let Some(k) = a.folds {
+        cfg.split.folds = k;
+    }
     match &a.seeds {
         Some(seeds) => {
             train::run_seeds(&cfg, seeds)?;
+        }
+        None if cfg.split.folds > 0 && cfg.split.fold == 0 => {
+            train::run_folds(&cfg)?;
         }
         None => {
             train::run(&cfg, false)?;

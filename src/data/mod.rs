@@ -228,6 +228,17 @@ pub struct SplitConfig {
     pub dev_chroms: Vec<String>,
     /// Chromosome strategy only: chromosomes held out for test (empty: chosen by seed).
     pub test_chroms: Vec<String>,
+    /// Cross-validation: test is this fold of a seeded partition (by the strategy), and dev
+    /// `dev_fraction` of the other records; `test_fraction` and the chromosome lists are unused.
+    pub fold: Option<Fold>,
+}
+
+/// One fold of a k-fold partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fold {
+    /// 0-based, below `count`.
+    pub index: usize,
+    pub count: usize,
 }
 
 impl Default for SplitConfig {
@@ -239,6 +250,7 @@ impl Default for SplitConfig {
             seed: 42,
             dev_chroms: Vec::new(),
             test_chroms: Vec::new(),
+            fold: None,
         }
     }
 }

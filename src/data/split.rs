@@ -9,7 +9,7 @@ use rand::SeedableRng;
 
 use super::read::read_records;
 use super::{
-    chrom_from_id, validate_sequence, DataError, Dataset, ReadOptions, Record, SplitConfig,
+    chrom_from_id, validate_sequence, DataError, Dataset, Fold, ReadOptions, Record, SplitConfig,
     SplitSource, SplitStrategy, Splits,
 };
 
@@ -27,29 +27,27 @@ fn config_error(message: impl Into<String>) -> DataError {
 /// Records keep their input order inside each split. Fails when a split would be empty, when the
 /// stratified split meets an unlabelled record, or the chromosome split a record without chromosome.
 pub fn split_records(records: Vec<Record>, cfg: &SplitConfig) -> Result<Splits, DataError> {
-    for (name, f) in [("dev", cfg.dev_fraction), ("test", cfg.test_fraction)] {
+    let held_out = match cfg.fold {
+        Some(_) => vec![("dev", cfg.dev_fraction)],
+        None => vec![("dev", cfg.dev_fraction), ("test", cfg.test_fraction)],
+    };
+    for &(name, f) in &held_out {
         if !(0.0..1.0).contains(&f) {
             return Err(config_error(format!(
                 "{name} fraction must be in [0, 1), got {f}"
             )));
         }
     }
-    if cfg.dev_fraction + cfg.test_fraction >= 1.0 {
+    if cfg.fold.is_none() && cfg.dev_fraction + cfg.test_fraction >= 1.0 {
         return Err(config_error(format!(
             "dev fraction {} + test fraction {} leaves nothing for training",
             cfg.dev_fraction, cfg.test_fraction
         )));
     }
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let assignment = match cfg.strategy {
-        SplitStrategy::Random => {
-            let all: Vec<usize> = (0..records.len()).collect();
-            let mut a = vec![TRAIN; records.len()];
-            assign_shuffled(&all, cfg, false, &mut rng, &mut a);
-            a
-        }
-        SplitStrategy::Stratified => stratified(&records, cfg, &mut rng)?,
-        SplitStrategy::Chromosome => by_chromosome(&records, cfg, &mut rng)?,
+    let assignment = match cfg.fold {
+        Some(fold) => cross_validation(&records, cfg, fold, &mut rng)?,
+        None => held_out_by_strategy(&records, cfg, &mut rng)?,
     };
     let mut parts: [Vec<Record>; 3] = Default::default();
     for (record, which) in records.into_iter().zip(&assignment) {
@@ -57,14 +55,169 @@ pub fn split_records(records: Vec<Record>, cfg: &SplitConfig) -> Result<Splits, 
     }
     if let Some(empty) = parts.iter().position(Vec::is_empty) {
         let n: usize = parts.iter().map(Vec::len).sum();
+        let settings = match cfg.fold {
+            Some(f) => format!(
+                "fold {} of {}, dev fraction {}",
+                f.index + 1,
+                f.count,
+                cfg.dev_fraction
+            ),
+            None => format!(
+                "dev fraction {}, test fraction {}",
+                cfg.dev_fraction, cfg.test_fraction
+            ),
+        };
         return Err(config_error(format!(
-            "the {} split would be empty ({n} records, {:?} strategy, dev fraction {}, test \
-             fraction {}); use more data or larger fractions",
-            NAMES[empty], cfg.strategy, cfg.dev_fraction, cfg.test_fraction
+            "the {} split would be empty ({n} records, {:?} strategy, {settings}); use more \
+             data, larger fractions or fewer folds",
+            NAMES[empty], cfg.strategy
         )));
     }
     let [train, dev, test] = parts;
     Ok(Splits { train, dev, test })
+}
+
+/// Train/dev/test marks of `records` by `cfg.strategy` and the fractions.
+fn held_out_by_strategy(
+    records: &[Record],
+    cfg: &SplitConfig,
+    rng: &mut StdRng,
+) -> Result<Vec<u8>, DataError> {
+    match cfg.strategy {
+        SplitStrategy::Random => {
+            let all: Vec<usize> = (0..records.len()).collect();
+            let mut a = vec![TRAIN; records.len()];
+            assign_shuffled(&all, cfg, false, rng, &mut a);
+            Ok(a)
+        }
+        SplitStrategy::Stratified => stratified(records, cfg, rng),
+        SplitStrategy::Chromosome => by_chromosome(records, cfg, rng),
+    }
+}
+
+/// Marks for one cross-validation fold: its records are test, and dev is drawn from the others
+/// by the same strategy (whole chromosomes, or per class), so the folds' test sets partition the
+/// data and each fold's model is chosen without seeing its test set.
+fn cross_validation(
+    records: &[Record],
+    cfg: &SplitConfig,
+    fold: Fold,
+    rng: &mut StdRng,
+) -> Result<Vec<u8>, DataError> {
+    if !cfg.dev_chroms.is_empty() || !cfg.test_chroms.is_empty() {
+        return Err(config_error(
+            "cross-validation chooses the held-out chromosomes itself; leave dev_chroms and \
+             test_chroms empty",
+        ));
+    }
+    if fold.index >= fold.count {
+        return Err(config_error(format!(
+            "fold {} does not exist among {} folds",
+            fold.index + 1,
+            fold.count
+        )));
+    }
+    let folds = fold_of_each(records, cfg.strategy, fold.count, cfg.seed)?;
+    let rest: Vec<usize> = (0..records.len())
+        .filter(|&i| folds[i] != fold.index)
+        .collect();
+    let rest_records: Vec<Record> = rest.iter().map(|&i| records[i].clone()).collect();
+    let dev_only = SplitConfig {
+        test_fraction: 0.0,
+        fold: None,
+        ..cfg.clone()
+    };
+    let inner = held_out_by_strategy(&rest_records, &dev_only, rng)?;
+    let mut assignment = vec![TEST; records.len()];
+    for (&i, which) in rest.iter().zip(inner) {
+        assignment[i] = which;
+    }
+    Ok(assignment)
+}
+
+/// The fold (0-based, below `count`) of each record in a seeded k-fold partition: shuffled
+/// records dealt in turn (random), each class dealt in turn so every fold keeps the class
+/// proportions (stratified), or whole chromosomes, largest first, to the fold holding fewest
+/// records (chromosome).
+fn fold_of_each(
+    records: &[Record],
+    strategy: SplitStrategy,
+    count: usize,
+    seed: u64,
+) -> Result<Vec<usize>, DataError> {
+    if count < 2 {
+        return Err(config_error(format!(
+            "cross-validation needs at least 2 folds, got {count}"
+        )));
+    }
+    if count > records.len() {
+        return Err(config_error(format!(
+            "{count} folds for {} records: a fold would be empty",
+            records.len()
+        )));
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut folds = vec![0; records.len()];
+    match strategy {
+        SplitStrategy::Random | SplitStrategy::Stratified => {
+            let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            for (i, r) in records.iter().enumerate() {
+                let class = match strategy {
+                    SplitStrategy::Random => 0,
+                    _ => r.label.ok_or_else(|| {
+                        config_error(format!(
+                            "record '{}' has no label; stratified folds need labels",
+                            r.id
+                        ))
+                    })?,
+                };
+                groups.entry(class).or_default().push(i);
+            }
+            // Dealing continues across classes, so fold sizes differ by at most one.
+            let mut next = 0;
+            for members in groups.values_mut() {
+                members.shuffle(&mut rng);
+                for &i in members.iter() {
+                    folds[i] = next % count;
+                    next += 1;
+                }
+            }
+        }
+        SplitStrategy::Chromosome => {
+            let mut sizes: BTreeMap<&str, usize> = BTreeMap::new();
+            for r in records {
+                let chrom = r.chrom.as_deref().ok_or_else(|| {
+                    config_error(format!(
+                        "record '{}' has no chromosome; chromosome folds need ids like \
+                         chr3:100-200 (or regions read from a BED file)",
+                        r.id
+                    ))
+                })?;
+                *sizes.entry(chrom).or_default() += 1;
+            }
+            if sizes.len() < count {
+                return Err(config_error(format!(
+                    "{} chromosomes cannot fill {count} folds; use fewer folds",
+                    sizes.len()
+                )));
+            }
+            // Seeded order among chromosomes of equal size, then largest first.
+            let mut order: Vec<(&str, usize)> = sizes.into_iter().collect();
+            order.shuffle(&mut rng);
+            order.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+            let mut load = vec![0usize; count];
+            let mut fold_of: BTreeMap<&str, usize> = BTreeMap::new();
+            for (chrom, n) in order {
+                let lightest = (0..count).min_by_key(|&f| load[f]).expect("count >= 2");
+                load[lightest] += n;
+                fold_of.insert(chrom, lightest);
+            }
+            for (f, r) in folds.iter_mut().zip(records) {
+                *f = fold_of[r.chrom.as_deref().expect("checked above")];
+            }
+        }
+    }
+    Ok(folds)
 }
 
 /// Shuffles `indices` and marks the first ones test, the next dev. With `at_least_one`, groups of
@@ -82,8 +235,13 @@ fn assign_shuffled(
     let mut n_test = (n as f64 * cfg.test_fraction).round() as usize;
     let mut n_dev = (n as f64 * cfg.dev_fraction).round() as usize;
     if at_least_one && n >= 3 {
-        n_test = n_test.max(1);
-        n_dev = n_dev.max(1);
+        // Only a split that is asked for at all: cross-validation draws dev with no test.
+        if cfg.test_fraction > 0.0 {
+            n_test = n_test.max(1);
+        }
+        if cfg.dev_fraction > 0.0 {
+            n_dev = n_dev.max(1);
+        }
     }
     // Training keeps at least one record; trim whichever held-out part is larger.
     while n_test + n_dev > n.saturating_sub(1) && n_test + n_dev > 0 {
@@ -232,6 +390,13 @@ pub fn load_splits(
     cfg: &SplitConfig,
 ) -> Result<(Splits, SplitSource, usize), DataError> {
     if data.is_dir() {
+        if cfg.fold.is_some() {
+            return Err(DataError::new(
+                data,
+                "cross-validation splits one file, and this is a directory of fixed train, \
+                 dev and test files (GUE layout)",
+            ));
+        }
         let train = find_split_file(data, &["train"])?;
         let dev = find_split_file(data, &["dev", "valid", "validation"])?;
         let test = find_split_file(data, &["test"])?;
@@ -522,6 +687,147 @@ mod tests {
             .unwrap_err()
             .message
             .contains("chr99"));
+    }
+
+    /// The k folds' test sets partition the records, each fold's splits partition them too, and
+    /// dev is `dev_fraction` of the records outside the test fold.
+    fn check_folds(all: &[Record], cfg: &SplitConfig, count: usize) -> Vec<Splits> {
+        let folds: Vec<Splits> = (0..count)
+            .map(|index| {
+                let cfg = SplitConfig {
+                    fold: Some(Fold { index, count }),
+                    ..cfg.clone()
+                };
+                split_records(all.to_vec(), &cfg).unwrap()
+            })
+            .collect();
+        let mut tested = HashSet::new();
+        for s in &folds {
+            check_partition(all, s);
+            for r in &s.test {
+                assert!(tested.insert(r.id.clone()), "{} tested twice", r.id);
+            }
+            let rest = (all.len() - s.test.len()) as f64;
+            assert!((s.dev.len() as f64 - rest * cfg.dev_fraction).abs() <= 20.0);
+        }
+        assert_eq!(tested.len(), all.len(), "every record tested once");
+        folds
+    }
+
+    #[test]
+    fn random_and_stratified_folds_partition_the_records_evenly() {
+        let all = labelled();
+        let random = SplitConfig {
+            strategy: SplitStrategy::Random,
+            ..SplitConfig::default()
+        };
+        for s in check_folds(&all, &random, 3) {
+            assert!([33, 34].contains(&s.test.len()), "{}", s.test.len());
+            assert_eq!(
+                s.dev.len(),
+                ((100 - s.test.len()) as f64 * 0.1).round() as usize
+            );
+        }
+        // Stratified: every fold holds each class in proportion (70 / 25 / 5 over 4 folds),
+        // and so does each dev set.
+        for s in check_folds(&all, &SplitConfig::default(), 4) {
+            let count = |v: &[Record], c: usize| v.iter().filter(|r| r.label == Some(c)).count();
+            for (class, per_fold) in [(0, 17.5), (1, 6.25), (2, 1.25)] {
+                let n = count(&s.test, class) as f64;
+                assert!((n - per_fold).abs() <= 1.0, "class {class}: {n}");
+            }
+            assert!(count(&s.dev, 0) >= 4 && count(&s.dev, 1) >= 1);
+            // As in a plain stratified split, the smallest class still reaches dev.
+            assert_eq!(count(&s.dev, 2), 1);
+        }
+        // The same seed gives the same folds, another seed others.
+        let fold = |seed| {
+            let cfg = SplitConfig {
+                seed,
+                fold: Some(Fold { index: 0, count: 3 }),
+                ..SplitConfig::default()
+            };
+            ids(&split_records(all.clone(), &cfg).unwrap().test)
+                .into_iter()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(fold(1), fold(1));
+        assert_ne!(fold(1), fold(2));
+    }
+
+    #[test]
+    fn chromosome_folds_keep_chromosomes_whole_and_balance_records() {
+        // Chromosome i holds 4 (i + 1) records: 4 ... 40, 220 in all.
+        let all: Vec<Record> = (0..10)
+            .flat_map(|c| (0..4 * (c + 1)).map(move |j| (c, j)))
+            .map(|(c, j)| {
+                let chrom = format!("chr{}", c + 1);
+                rec(&format!("{chrom}:{j}-{}", j + 5), j % 2, Some(&chrom))
+            })
+            .collect();
+        let cfg = SplitConfig {
+            strategy: SplitStrategy::Chromosome,
+            ..SplitConfig::default()
+        };
+        let folds = check_folds(&all, &cfg, 3);
+        let mut test_chroms = BTreeSet::new();
+        for s in &folds {
+            let (tr, dv, te) = (chroms(&s.train), chroms(&s.dev), chroms(&s.test));
+            assert!(tr.is_disjoint(&dv) && tr.is_disjoint(&te) && dv.is_disjoint(&te));
+            assert!(
+                test_chroms.is_disjoint(&te),
+                "a chromosome tested in two folds"
+            );
+            test_chroms.extend(te);
+        }
+        assert_eq!(test_chroms.len(), 10);
+        // Largest first to the lightest fold: 76 / 72 / 72 records, where a seeded shuffle of
+        // whole chromosomes could leave one fold with far more.
+        let sizes: Vec<usize> = folds.iter().map(|s| s.test.len()).collect();
+        let spread = sizes.iter().max().unwrap() - sizes.iter().min().unwrap();
+        assert!(spread <= 4, "{sizes:?}");
+        let e = fold_of_each(&all, SplitStrategy::Chromosome, 11, 42).unwrap_err();
+        assert!(
+            e.message.contains("10 chromosomes cannot fill 11 folds"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn fold_settings_that_cannot_work_are_errors() {
+        let one = fold_of_each(&labelled(), SplitStrategy::Random, 1, 42).unwrap_err();
+        assert!(one.message.contains("at least 2 folds"), "{one}");
+        let listed = SplitConfig {
+            strategy: SplitStrategy::Chromosome,
+            test_chroms: vec!["chr1".into()],
+            fold: Some(Fold { index: 0, count: 2 }),
+            ..SplitConfig::default()
+        };
+        let e = split_records(chrom_records(), &listed).unwrap_err();
+        assert!(
+            e.message.contains("chooses the held-out chromosomes"),
+            "{e}"
+        );
+        let too_many = SplitConfig {
+            fold: Some(Fold {
+                index: 0,
+                count: 200,
+            }),
+            ..SplitConfig::default()
+        };
+        let e = split_records(labelled(), &too_many).unwrap_err();
+        assert!(e.message.contains("200 folds for 100 records"), "{e}");
+        let gue = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/gue-tf0");
+        let fold = SplitConfig {
+            fold: Some(Fold { index: 0, count: 5 }),
+            ..SplitConfig::default()
+        };
+        let e = load_splits(&gue, &ReadOptions::default(), &fold).unwrap_err();
+        assert!(
+            e.message.contains("cross-validation splits one file"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -161,6 +161,12 @@ pub struct SplitSettings {
     pub test_fraction: f64,
     pub dev_chroms: Vec<String>,
     pub test_chroms: Vec<String>,
+    /// k-fold cross-validation (0: off): one run per fold, each testing on its fold and picking
+    /// its checkpoint on `dev_fraction` of the rest; `test_fraction` is then unused.
+    pub folds: usize,
+    /// The fold (1-based) a single run of a cross-validation tests on; set per run by
+    /// [`crate::train::run_folds`].
+    pub fold: usize,
 }
 
 impl Default for SplitSettings {
@@ -171,6 +177,8 @@ impl Default for SplitSettings {
             test_fraction: 0.1,
             dev_chroms: vec![],
             test_chroms: vec![],
+            folds: 0,
+            fold: 0,
         }
     }
 }
@@ -371,6 +379,19 @@ impl TrainConfig {
                 }
             );
         }
+        let (folds, fold) = (self.split.folds, self.split.fold);
+        if folds == 1 {
+            bail!("cross-validation needs at least 2 folds (split.folds = 0 turns it off)");
+        }
+        if fold == 0 && folds > 0 {
+            bail!(
+                "split.folds = {folds} asks for cross-validation, which runs once per fold \
+                 (`dnatune train --folds {folds}`); it does not combine with --seeds"
+            );
+        }
+        if fold > folds {
+            bail!("split.fold {fold} is not one of the split.folds = {folds} folds (1..={folds})");
+        }
         if self.method.uses_adapters() && self.lora.r == 0 {
             bail!("LoRA rank r must be positive");
         }
@@ -476,5 +497,21 @@ mod tests {
         cfg.validate().unwrap();
         cfg.metric = "auc".into();
         assert!(cfg.validate().is_err());
+        cfg.metric = "mcc".into();
+        // Cross-validation: a fold run names one of at least 2 folds; the parent runs per fold.
+        for (folds, fold, needle) in [
+            (1, 0, "at least 2 folds"),
+            (5, 0, "once per fold"),
+            (5, 6, "not one of"),
+            (0, 2, "not one of"),
+        ] {
+            cfg.split.folds = folds;
+            cfg.split.fold = fold;
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "folds {folds}, fold {fold}: {err}");
+        }
+        cfg.split.fold = 5;
+        cfg.split.folds = 5;
+        cfg.validate().unwrap();
     }
 }

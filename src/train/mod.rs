@@ -6,6 +6,7 @@ pub mod bench;
 pub mod config;
 pub mod loss;
 pub mod optim;
+mod repeat;
 mod state;
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use crate::peft::{adapter, LoraConfig};
 use crate::tokenize::{load_tokenizer, Tokenizer};
 use config::{Method, SplitKind, TrainConfig};
 use optim::{clip_grad_norm, learning_rate, AdamW};
+pub use repeat::{mean_sd, run_folds, run_seeds, FoldsSummary, MetricSpread};
 pub(crate) use state::replace_dir;
 use state::RunState;
 
@@ -338,6 +340,10 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         seed: cfg.seed,
         dev_chroms: cfg.split.dev_chroms.clone(),
         test_chroms: cfg.split.test_chroms.clone(),
+        fold: (cfg.split.fold > 0).then_some(data::Fold {
+            index: cfg.split.fold - 1,
+            count: cfg.split.folds,
+        }),
     };
     let (mut splits, source, skipped) = data::load_splits(&cfg.data, &read_opts, &split_cfg)?;
     std::fs::create_dir_all(&run_dir)
@@ -350,8 +356,12 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     }
     if matches!(source, data::SplitSource::SplitFromFile) {
         data::write_split_csv(&run_dir.join("split.csv"), &splits)?;
+        let fold = match cfg.split.fold {
+            0 => String::new(),
+            k => format!(", test: fold {k} of {}", cfg.split.folds),
+        };
         println!(
-            "split {} into train {} / dev {} / test {} ({:?}, seed {}); saved to {}",
+            "split {} into train {} / dev {} / test {} ({:?}{fold}, seed {}); saved to {}",
             cfg.data.display(),
             splits.train.len(),
             splits.dev.len(),
@@ -848,133 +858,4 @@ pub fn resume_config(run_dir: &Path) -> Result<TrainConfig> {
         );
     }
     TrainConfig::from_toml_file(&path)
-}
-
-/// Mean and sample standard deviation of a metric over seeds.
-#[derive(Debug, serde::Serialize)]
-pub struct SeedStat {
-    pub metric: String,
-    pub mean: f64,
-    pub sd: f64,
-    pub values: Vec<f64>,
-}
-
-/// Runs the same configuration once per seed (each in `out/seed-N`) and summarises the test
-/// metrics as mean +- sd, since single-seed GUE numbers are known to be unstable.
-///
-/// Re-running the same command picks up where an interrupted one stopped: a seed whose run
-/// finished with this configuration is reused, one with a checkpoint is resumed. A seed folder
-/// holding a run with another configuration is an error rather than overwritten.
-pub fn run_seeds(cfg: &TrainConfig, seeds: &[u64]) -> Result<Vec<SeedStat>> {
-    if seeds.is_empty() {
-        bail!("--seeds needs at least one seed");
-    }
-    let mut tests = Vec::new();
-    for &seed in seeds {
-        println!("\n=== seed {seed} ===");
-        let run_cfg = TrainConfig {
-            seed,
-            out: cfg.out.join(format!("seed-{seed}")),
-            ..cfg.clone()
-        };
-        let test = match previous_seed_run(&run_cfg)? {
-            PreviousRun::Finished(test) => {
-                println!(
-                    "reusing the finished run in {} (test MCC {:.4})",
-                    run_cfg.out.display(),
-                    test.mcc
-                );
-                test
-            }
-            PreviousRun::Interrupted => run(&run_cfg, true)?.test,
-            PreviousRun::None => run(&run_cfg, false)?.test,
-        };
-        tests.push(test);
-    }
-    let stats: Vec<SeedStat> = ["mcc", "accuracy", "f1", "auroc", "auprc"]
-        .iter()
-        .filter_map(|&name| {
-            let values: Vec<f64> = tests.iter().filter_map(|m| m.get(name)).collect();
-            (values.len() == tests.len()).then(|| {
-                let (mean, sd) = mean_sd(&values);
-                SeedStat {
-                    metric: name.to_string(),
-                    mean,
-                    sd,
-                    values,
-                }
-            })
-        })
-        .collect();
-    println!("\ntest metrics over seeds {seeds:?} (mean +- sd)");
-    for s in &stats {
-        println!("{:<10} {:.4} +- {:.4}", s.metric, s.mean, s.sd);
-    }
-    crate::fsutil::write_json_atomic(
-        &cfg.out.join("seeds_summary.json"),
-        &serde_json::json!({ "seeds": seeds, "test": stats }),
-    )?;
-    Ok(stats)
-}
-
-/// What a seed's run folder already holds.
-enum PreviousRun {
-    /// A finished run of this configuration: its test metrics.
-    Finished(Metrics),
-    /// A run of this configuration stopped after a checkpoint.
-    Interrupted,
-    /// Nothing to continue (no folder, or one without a run in it).
-    None,
-}
-
-/// Looks in `cfg.out` for an earlier run of exactly `cfg`.
-fn previous_seed_run(cfg: &TrainConfig) -> Result<PreviousRun> {
-    let config_path = cfg.out.join("config.toml");
-    if !config_path.exists() {
-        return Ok(PreviousRun::None);
-    }
-    let previous = TrainConfig::from_toml_file(&config_path)?;
-    if previous != *cfg {
-        bail!(
-            "{} holds a run with another configuration; remove it or choose another --out",
-            cfg.out.display()
-        );
-    }
-    let metrics_path = cfg.out.join("metrics.json");
-    if metrics_path.exists() {
-        let text = std::fs::read_to_string(&metrics_path)
-            .with_context(|| format!("cannot read {}", metrics_path.display()))?;
-        let saved: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", metrics_path.display()))?;
-        let test: Metrics = serde_json::from_value(saved["test"].clone())
-            .with_context(|| format!("{} has no test metrics", metrics_path.display()))?;
-        return Ok(PreviousRun::Finished(test));
-    }
-    if state::has_checkpoint(&cfg.out) {
-        Ok(PreviousRun::Interrupted)
-    } else {
-        Ok(PreviousRun::None)
-    }
-}
-
-/// Mean and sample (n - 1) standard deviation; sd is 0 for a single value.
-pub fn mean_sd(values: &[f64]) -> (f64, f64) {
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    if values.len() < 2 {
-        return (mean, 0.0);
-    }
-    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    (mean, var.sqrt())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn mean_sd_uses_sample_deviation() {
-        let (m, s) = super::mean_sd(&[0.5, 0.7, 0.6]);
-        assert!((m - 0.6).abs() < 1e-12);
-        assert!((s - 0.1).abs() < 1e-12);
-        assert_eq!(super::mean_sd(&[0.3]), (0.3, 0.0));
-    }
 }
