@@ -309,7 +309,8 @@ fn predict_and_eval_warn_about_sequences_cut_at_max_length() {
 
 /// `train --folds 3` on one file: every record is tested in exactly one fold, by that fold's
 /// run; cv_predictions.csv pools the folds' test predictions, and folds_summary.json's pooled
-/// MCC and AUROC equal those recomputed by hand from it. A second invocation reuses the runs.
+/// MCC and AUROC (and the report's) equal those recomputed by hand from it. A second
+/// invocation reuses the runs.
 #[test]
 fn cross_validation_tests_every_record_once_and_pools_the_folds() {
     let tmp = TempDir::new().unwrap();
@@ -427,6 +428,12 @@ fn cross_validation_tests_every_record_once_and_pools_the_folds() {
         "{got} vs {auroc}"
     );
     assert_eq!(got["n"], 90);
+    let report = fs::read_to_string(run.join("cv_report.html")).unwrap();
+    assert_eq!(report.matches("<tr><td>fold ").count(), 3);
+    assert!(
+        report.contains(&format!("ROC (AUROC {auroc:.3})")),
+        "pooled ROC"
+    );
 
     let again = dnatune(&args);
     assert_ok(&again);

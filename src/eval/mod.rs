@@ -14,4 +14,7 @@ pub use metrics::{
     argmax, auroc, average_precision, compute_metrics, confusion_matrix, mcc, pr_curve, roc_curve,
     try_compute_metrics, Metrics,
 };
-pub use report::{escape_html, render_report, write_report, ReportInput, TestResult};
+pub use report::{
+    escape_html, render_cross_validation_report, render_report, write_cross_validation_report,
+    write_report, CrossValidationInput, ReportInput, TestResult,
+};

@@ -84,26 +84,96 @@ pre { background: #f6f8fa; border: 1px solid #eceef1; border-radius: 6px; paddin
 /// Renders the report as a complete HTML document.
 pub fn render_report(input: &ReportInput) -> String {
     let run = Run::from_log(input.log, input.best_metric);
-    let mut html = String::new();
-    let title = escape_html(input.title);
-    let _ = write!(
-        html,
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>{title}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<main>\n\
-         <h1>{title}</h1>\n<p class=\"sub\">dnatune training report</p>\n"
-    );
+    let mut html = page_start(input.title, "dnatune training report");
     html.push_str(&summary(input, &run));
     html.push_str(&training_section(&run));
     html.push_str(&dev_section(input.best_metric, &run));
     html.push_str(&metrics_section(input, &run));
     html.push_str(&test_section(input, &run));
-    let _ = write!(
-        html,
-        "<section class=\"card\"><h2>Configuration</h2><pre>{}</pre></section>\n</main>\n</body>\n</html>\n",
-        escape_html(input.config_toml.trim_end())
-    );
+    html.push_str(&page_end(input.config_toml));
     html
+}
+
+/// What the cross-validation report shows: each fold's test metrics, and the test predictions
+/// of all folds pooled (every sequence once, scored by the model that held it out).
+pub struct CrossValidationInput<'a> {
+    pub title: &'a str,
+    pub config_toml: &'a str,
+    /// The metric that picked each fold's checkpoint; highlighted.
+    pub metric: &'a str,
+    pub folds: &'a [Metrics],
+    pub pooled: TestResult<'a>,
+}
+
+/// Writes the cross-validation report to `path` atomically.
+pub fn write_cross_validation_report(path: &Path, input: &CrossValidationInput) -> Result<()> {
+    crate::fsutil::write_atomic(path, render_cross_validation_report(input).as_bytes())
+}
+
+/// The cross-validation report as a complete HTML document: the pooled and per-fold figures,
+/// a table of every fold, pooled ROC and precision-recall curves and the pooled confusion matrix.
+pub fn render_cross_validation_report(input: &CrossValidationInput) -> String {
+    let k = input.folds.len();
+    let mut html = page_start(input.title, "dnatune cross-validation report");
+    html.push_str("<div class=\"stats\">");
+    let pooled = input.pooled.metrics;
+    html.push_str(&stat(
+        &format!("pooled {}", input.metric),
+        &fmt_metric(pooled.get(input.metric)),
+        &format!("{} sequences, {k} folds", pooled.n),
+    ));
+    let values: Vec<f64> = input
+        .folds
+        .iter()
+        .filter_map(|m| m.get(input.metric))
+        .collect();
+    if values.len() == k && k > 0 {
+        let (mean, sd) = crate::train::mean_sd(&values);
+        html.push_str(&stat(
+            &format!("fold {}", input.metric),
+            &format!("{mean:.4}"),
+            &format!("mean, sd {sd:.4} over folds"),
+        ));
+    }
+    if input.metric != "auroc" {
+        html.push_str(&stat(
+            "pooled auroc",
+            &fmt_metric(pooled.auroc),
+            "area under ROC",
+        ));
+    }
+    html.push_str("</div>\n<section class=\"card\"><h2>Test metrics per fold</h2>");
+    html.push_str(&metrics_table_start(input.metric));
+    for (i, m) in input.folds.iter().enumerate() {
+        html.push_str(&metrics_row(&format!("fold {}", i + 1), m, input.metric));
+    }
+    html.push_str(&metrics_row("pooled", pooled, input.metric));
+    html.push_str("</tbody></table></div></section>\n");
+    html.push_str(&predictions_card(
+        "All folds' test predictions, pooled",
+        &input.pooled,
+    ));
+    html.push_str(&page_end(input.config_toml));
+    html
+}
+
+/// The document head and title of a report.
+fn page_start(title: &str, subtitle: &str) -> String {
+    let title = escape_html(title);
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>{title}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<main>\n\
+         <h1>{title}</h1>\n<p class=\"sub\">{subtitle}</p>\n"
+    )
+}
+
+/// The configuration card and the end of the document.
+fn page_end(config_toml: &str) -> String {
+    format!(
+        "<section class=\"card\"><h2>Configuration</h2><pre>{}</pre></section>\n</main>\n</body>\n</html>\n",
+        escape_html(config_toml.trim_end())
+    )
 }
 
 /// One evaluation from the log.
@@ -442,16 +512,11 @@ const TABLE_METRICS: &[&str] = &[
     "loss",
 ];
 
-fn metrics_section(input: &ReportInput, run: &Run) -> String {
-    let best = run.best_eval();
-    if best.is_none() && input.test.is_none() {
-        return String::new();
-    }
-    let mut s = String::from(
-        "<section class=\"card\"><h2>Metrics</h2><div class=\"scroll\"><table><thead><tr><th></th><th>n</th>",
-    );
+/// The opening of a metrics table up to its body, `key_metric` highlighted.
+fn metrics_table_start(key_metric: &str) -> String {
+    let mut s = String::from("<div class=\"scroll\"><table><thead><tr><th></th><th>n</th>");
     for name in TABLE_METRICS {
-        let class = if *name == input.best_metric {
+        let class = if *name == key_metric {
             " class=\"key\""
         } else {
             ""
@@ -459,6 +524,16 @@ fn metrics_section(input: &ReportInput, run: &Run) -> String {
         let _ = write!(s, "<th{class}>{name}</th>");
     }
     s.push_str("</tr></thead><tbody>");
+    s
+}
+
+fn metrics_section(input: &ReportInput, run: &Run) -> String {
+    let best = run.best_eval();
+    if best.is_none() && input.test.is_none() {
+        return String::new();
+    }
+    let mut s = String::from("<section class=\"card\"><h2>Metrics</h2>");
+    s.push_str(&metrics_table_start(input.best_metric));
     if let (Some(best), Some((_, found))) = (best, run.best) {
         let split = escape_html(run.dev_split.unwrap_or("dev"));
         let label = if found {
@@ -533,7 +608,12 @@ fn test_section(input: &ReportInput, run: &Run) -> String {
             None => String::new(),
         };
     };
-    let mut s = String::from("<section class=\"card\"><h2>Test set</h2>");
+    predictions_card("Test set", test)
+}
+
+/// Curves (or why there are none) and the confusion matrix of a set of predictions.
+fn predictions_card(heading: &str, test: &TestResult) -> String {
+    let mut s = format!("<section class=\"card\"><h2>{}</h2>", escape_html(heading));
     let c = test.num_classes;
     let consistent =
         c >= 2 && test.probs.len() == test.labels.len() * c && test.labels.iter().all(|&l| l < c);
@@ -818,5 +898,61 @@ mod tests {
             escape_html(r#"<a href="x">'&'</a>"#),
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
         );
+    }
+
+    /// The cross-validation report: a row per fold and a pooled row, the pooled MCC and the
+    /// fold mean recomputed by hand, pooled curves with their AUROC, an escaped title.
+    #[test]
+    fn cross_validation_report_shows_every_fold_and_the_pooled_predictions() {
+        let fold = |shift: f32| {
+            let labels: Vec<usize> = (0..30).map(|i| i % 2).collect();
+            let probs: Vec<f32> = (0..30)
+                .flat_map(|i| {
+                    let p = (0.2 + 0.5 * (i % 2) as f32 + shift * ((i * 7 % 5) as f32 / 5.0))
+                        .clamp(0.0, 1.0);
+                    [1.0 - p, p]
+                })
+                .collect();
+            (labels, probs)
+        };
+        let parts = [fold(0.1), fold(0.4), fold(0.7)];
+        let folds: Vec<Metrics> = parts
+            .iter()
+            .map(|(l, p)| compute_metrics(l, p, 2))
+            .collect();
+        let labels: Vec<usize> = parts.iter().flat_map(|(l, _)| l.clone()).collect();
+        let probs: Vec<f32> = parts.iter().flat_map(|(_, p)| p.clone()).collect();
+        let pooled = compute_metrics(&labels, &probs, 2);
+        let html = render_cross_validation_report(&CrossValidationInput {
+            title: "peaks <chr> folds",
+            config_toml: "seed = 42\n",
+            metric: "mcc",
+            folds: &folds,
+            pooled: TestResult {
+                metrics: &pooled,
+                labels: &labels,
+                probs: &probs,
+                num_classes: 2,
+            },
+        });
+        assert!(html.contains("<title>peaks &lt;chr&gt; folds</title>"));
+        assert_eq!(html.matches("<tr><td>fold ").count(), 3);
+        assert!(html.contains("<tr><td>pooled</td><td>90</td>"));
+        let mean = folds.iter().map(|m| m.mcc).sum::<f64>() / 3.0;
+        assert!(
+            html.contains(&format!("<div class=\"v\">{mean:.4}</div>")),
+            "fold mean"
+        );
+        assert!(html.contains(&format!("<div class=\"v\">{:.4}</div>", pooled.mcc)));
+        assert!(
+            (mean - pooled.mcc).abs() > 1e-3,
+            "pooled and mean differ here"
+        );
+        let auroc = pooled.auroc.unwrap();
+        assert!(
+            html.contains(&format!("ROC (AUROC {auroc:.3})")),
+            "pooled curve"
+        );
+        assert!(html.contains("seed = 42"));
     }
 }

@@ -89,15 +89,41 @@ pub fn run_folds(cfg: &TrainConfig) -> Result<FoldsSummary> {
     let per_fold = spread(&tests);
     print_spread(&format!("{k} folds"), &per_fold);
     let dirs: Vec<PathBuf> = runs.iter().map(|(_, c)| c.out.clone()).collect();
-    let pooled = pool_fold_predictions(&dirs, &cfg.out.join("cv_predictions.csv"))?;
+    let predictions = pool_fold_predictions(&dirs, &cfg.out.join("cv_predictions.csv"))?;
+    let pooled = eval::try_compute_metrics(
+        &predictions.labels,
+        &predictions.probs,
+        predictions.num_classes,
+    )?;
+    let title = format!(
+        "{}: {k}-fold cross-validation ({:?} folds)",
+        cfg.data.file_name().unwrap_or_default().to_string_lossy(),
+        cfg.split.strategy
+    );
+    eval::write_cross_validation_report(
+        &cfg.out.join("cv_report.html"),
+        &eval::CrossValidationInput {
+            title: &title,
+            config_toml: &cfg.to_toml()?,
+            metric: &cfg.metric,
+            folds: &tests,
+            pooled: eval::TestResult {
+                metrics: &pooled,
+                labels: &predictions.labels,
+                probs: &predictions.probs,
+                num_classes: predictions.num_classes,
+            },
+        },
+    )?;
     println!(
         "pooled over the {k} test folds ({} sequences, each scored by the model that held it \
-         out): MCC {:.4}, accuracy {:.4}, AUROC {}; predictions in {}",
+         out): MCC {:.4}, accuracy {:.4}, AUROC {}; predictions in {}, report in {}",
         pooled.n,
         pooled.mcc,
         pooled.accuracy,
         pooled.auroc.map_or("-".into(), |v| format!("{v:.4}")),
-        cfg.out.join("cv_predictions.csv").display()
+        cfg.out.join("cv_predictions.csv").display(),
+        cfg.out.join("cv_report.html").display()
     );
     crate::fsutil::write_json_atomic(
         &cfg.out.join("folds_summary.json"),
@@ -154,9 +180,16 @@ fn print_spread(over: &str, stats: &[MetricSpread]) {
     }
 }
 
+/// Labels and class probabilities (row-major) of pooled predictions.
+struct PooledPredictions {
+    labels: Vec<usize>,
+    probs: Vec<f32>,
+    num_classes: usize,
+}
+
 /// Concatenates the runs' `test_predictions.csv` into `out` with a leading `fold` column
-/// (1-based, in `dirs` order) and computes the metrics of all of them together.
-fn pool_fold_predictions(dirs: &[PathBuf], out: &Path) -> Result<Metrics> {
+/// (1-based, in `dirs` order); their labels and probabilities, as written.
+fn pool_fold_predictions(dirs: &[PathBuf], out: &Path) -> Result<PooledPredictions> {
     let mut header: Option<csv::StringRecord> = None;
     let mut rows: Vec<(usize, csv::StringRecord)> = Vec::new();
     for (fold, dir) in dirs.iter().enumerate() {
@@ -199,7 +232,11 @@ fn pool_fold_predictions(dirs: &[PathBuf], out: &Path) -> Result<Metrics> {
         csv_out.flush()?;
         Ok(())
     })?;
-    eval::try_compute_metrics(&labels, &probs, prob_cols.len())
+    Ok(PooledPredictions {
+        labels,
+        probs,
+        num_classes: prob_cols.len(),
+    })
 }
 
 /// What a run folder already holds.
