@@ -340,8 +340,8 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         seed: cfg.seed,
         dev_chroms: cfg.split.dev_chroms.clone(),
         test_chroms: cfg.split.test_chroms.clone(),
-        fold: (cfg.split.fold > 0).then_some(data::Fold {
-            index: cfg.split.fold - 1,
+        fold: cfg.split.fold.checked_sub(1).map(|index| data::Fold {
+            index,
             count: cfg.split.folds,
         }),
     };
