@@ -25,7 +25,7 @@ use crate::data::Record;
 use crate::eval::argmax;
 use crate::fsutil::csv_field;
 use crate::ops::ForwardCtx;
-use crate::train::Predictor;
+use crate::train::{encode_sequences, Predictor};
 
 /// The bases substitutions are made to, in the order effects are reported.
 pub const BASES: [u8; 4] = *b"ACGT";
@@ -233,59 +233,54 @@ impl Explainer<'_> {
         }
     }
 
-    /// Rejects a sequence the tokenizer makes longer than `max_len` tokens: cut short, its tail
-    /// would look as if no base there mattered.
-    fn check_length(&self, seq: &str) -> Result<()> {
-        let max_len = self.predictor.max_len;
-        let tokens = self
-            .predictor
-            .tokenizer
-            .encode(seq, Some(max_len + 1))
-            .len();
-        if tokens > max_len {
-            bail!(
-                "the sequence ({} bases) is more than --max-length {max_len} tokens; the bases \
-                 past it would look as if they had no effect: raise --max-length",
-                seq.len()
-            );
-        }
-        Ok(())
+    /// Why a sequence longer than `max_len` tokens is refused: cut short, its tail would look
+    /// as if no base there mattered.
+    fn too_long(&self, seq: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "the sequence ({} bases) is more than --max-length {} tokens; the bases past it \
+             would look as if they had no effect: raise --max-length",
+            seq.len(),
+            self.predictor.max_len
+        )
     }
 
     /// Mutagenesis of `seq` for `class`, or for the class the model predicts for `seq`.
     pub fn mutagenesis(&self, seq: &str, class: Option<usize>) -> Result<Explanation> {
         use rayon::prelude::*;
         self.check_class(class)?;
-        self.check_length(seq)?;
         let classes = self.predictor.model.num_labels;
         let bases = seq.as_bytes();
         let subs = substitutions(bases);
         // Row 0 is the sequence itself, row 1 + k its k-th substitution.
-        let variants: Vec<Vec<u32>> = (0..=subs.len())
+        let mutants: Vec<String> = (0..=subs.len())
             .into_par_iter()
             .map(|row| {
                 let mut s = bases.to_vec();
                 if let Some(&(pos, base)) = row.checked_sub(1).map(|k| &subs[k]) {
                     s[pos] = base;
                 }
-                let s = String::from_utf8(s).expect("ASCII bases stay ASCII");
-                self.predictor
-                    .tokenizer
-                    .encode(&s, Some(self.predictor.max_len + 1))
+                String::from_utf8(s).expect("ASCII bases stay ASCII")
             })
             .collect();
+        let mutants: Vec<&str> = mutants.iter().map(String::as_str).collect();
+        let max_len = self.predictor.max_len;
+        let encoded = encode_sequences(&mutants, self.predictor.tokenizer, max_len, false);
         // A substitution can change how BPE splits the sequence; a mutant cut short would hide
         // the change at its tail.
-        let max_len = self.predictor.max_len;
-        if let Some(k) = variants.iter().skip(1).position(|ids| ids.len() > max_len) {
-            let (pos, base) = subs[k];
-            bail!(
-                "with {} at position {} the sequence is more than --max-length {max_len} tokens; \
-                 raise --max-length",
-                base as char,
-                pos + 1
-            );
+        match encoded.truncated.first() {
+            Some(0) => return Err(self.too_long(seq)),
+            Some(&row) => {
+                let (pos, base) = subs[row - 1];
+                bail!(
+                    "with {} at position {} the sequence is more than --max-length {max_len} \
+                     tokens; raise --max-length",
+                    base as char,
+                    pos + 1
+                );
+            }
+            None => {}
         }
+        let variants = encoded.forward;
         let pad = self.predictor.tokenizer.special_tokens().pad;
         let logits = crate::train::predict(
             self.predictor.model,
@@ -333,22 +328,22 @@ impl Explainer<'_> {
         class: Option<usize>,
     ) -> Result<Vec<Explanation>> {
         self.check_class(class)?;
-        for (i, seq) in seqs.iter().enumerate() {
-            self.check_length(seq)
-                .with_context(|| format!("sequence {} of the batch", i + 1))?;
+        let encoded = encode_sequences(
+            seqs,
+            self.predictor.tokenizer,
+            self.predictor.max_len,
+            false,
+        );
+        if let Some(&i) = encoded.truncated.first() {
+            return Err(self
+                .too_long(seqs[i])
+                .context(format!("sequence {} of the batch", i + 1)));
         }
         let classes = self.predictor.model.num_labels;
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<Vec<u32>> = seqs
-            .iter()
-            .map(|s| {
-                self.predictor
-                    .tokenizer
-                    .encode(s, Some(self.predictor.max_len))
-            })
-            .collect();
+        let ids = encoded.forward;
         let order: Vec<usize> = (0..seqs.len()).collect();
         let batch = collate(&order, &ids, self.predictor.tokenizer.special_tokens().pad);
         let (ids_t, mask_t) = crate::train::batch_tensors(&batch, self.predictor.device)?;

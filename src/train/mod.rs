@@ -78,7 +78,7 @@ pub fn warn_truncated(records: &[Record], truncated: &[usize], max_len: usize, w
 }
 
 /// [`Encoded`] `sequences`, in parallel.
-fn encode_sequences(
+pub(crate) fn encode_sequences(
     sequences: &[&str],
     tokenizer: &dyn Tokenizer,
     max_len: usize,
