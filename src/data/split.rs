@@ -160,19 +160,10 @@ fn fold_of_each(
     let mut folds = vec![0; records.len()];
     match strategy {
         SplitStrategy::Random | SplitStrategy::Stratified => {
-            let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-            for (i, r) in records.iter().enumerate() {
-                let class = match strategy {
-                    SplitStrategy::Random => 0,
-                    _ => r.label.ok_or_else(|| {
-                        config_error(format!(
-                            "record '{}' has no label; stratified folds need labels",
-                            r.id
-                        ))
-                    })?,
-                };
-                groups.entry(class).or_default().push(i);
-            }
+            let mut groups = match strategy {
+                SplitStrategy::Random => BTreeMap::from([(0, (0..records.len()).collect())]),
+                _ => indices_by_class(records)?,
+            };
             // Dealing continues across classes, so fold sizes differ by at most one.
             let mut next = 0;
             for members in groups.values_mut() {
@@ -184,17 +175,7 @@ fn fold_of_each(
             }
         }
         SplitStrategy::Chromosome => {
-            let mut sizes: BTreeMap<&str, usize> = BTreeMap::new();
-            for r in records {
-                let chrom = r.chrom.as_deref().ok_or_else(|| {
-                    config_error(format!(
-                        "record '{}' has no chromosome; chromosome folds need ids like \
-                         chr3:100-200 (or regions read from a BED file)",
-                        r.id
-                    ))
-                })?;
-                *sizes.entry(chrom).or_default() += 1;
-            }
+            let sizes = records_per_chromosome(records)?;
             if sizes.len() < count {
                 return Err(config_error(format!(
                     "{} chromosomes cannot fill {count} folds; use fewer folds",
@@ -267,6 +248,15 @@ fn stratified(
     cfg: &SplitConfig,
     rng: &mut StdRng,
 ) -> Result<Vec<u8>, DataError> {
+    let mut assignment = vec![TRAIN; records.len()];
+    for members in indices_by_class(records)?.values() {
+        assign_shuffled(members, cfg, true, rng, &mut assignment);
+    }
+    Ok(assignment)
+}
+
+/// The indices of `records` per label; a stratified split or stratified folds need every label.
+fn indices_by_class(records: &[Record]) -> Result<BTreeMap<usize, Vec<usize>>, DataError> {
     let mut classes: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (i, r) in records.iter().enumerate() {
         let label = r.label.ok_or_else(|| {
@@ -278,18 +268,11 @@ fn stratified(
         })?;
         classes.entry(label).or_default().push(i);
     }
-    let mut assignment = vec![TRAIN; records.len()];
-    for members in classes.values() {
-        assign_shuffled(members, cfg, true, rng, &mut assignment);
-    }
-    Ok(assignment)
+    Ok(classes)
 }
 
-fn by_chromosome(
-    records: &[Record],
-    cfg: &SplitConfig,
-    rng: &mut StdRng,
-) -> Result<Vec<u8>, DataError> {
+/// How many records each chromosome holds; splitting by chromosome needs every record's.
+fn records_per_chromosome(records: &[Record]) -> Result<BTreeMap<&str, usize>, DataError> {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for r in records {
         let chrom = r.chrom.as_deref().ok_or_else(|| {
@@ -301,6 +284,15 @@ fn by_chromosome(
         })?;
         *counts.entry(chrom).or_default() += 1;
     }
+    Ok(counts)
+}
+
+fn by_chromosome(
+    records: &[Record],
+    cfg: &SplitConfig,
+    rng: &mut StdRng,
+) -> Result<Vec<u8>, DataError> {
+    let counts = records_per_chromosome(records)?;
     let mut which: BTreeMap<&str, u8> = BTreeMap::new();
     for (split, list) in [(TEST, &cfg.test_chroms), (DEV, &cfg.dev_chroms)] {
         for c in list {
