@@ -428,6 +428,13 @@ fn cross_validation_tests_every_record_once_and_pools_the_folds() {
         "{got} vs {auroc}"
     );
     assert_eq!(got["n"], 90);
+    // The pooled AUROC's bootstrap interval holds it and is narrower than [0, 1].
+    let interval = &summary["pooled_intervals"]["auroc"];
+    let (low, high) = (interval[0].as_f64().unwrap(), interval[1].as_f64().unwrap());
+    assert!(
+        low < auroc && auroc < high && high - low < 0.5,
+        "{interval}"
+    );
     let report = fs::read_to_string(run.join("cv_report.html")).unwrap();
     assert_eq!(report.matches("<tr><td>fold ").count(), 3);
     assert!(

@@ -117,6 +117,24 @@ fn small_model_learns_tf_binding_and_writes_its_outputs() {
     ]);
     let evaluated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!((evaluated["mcc"].as_f64().unwrap() - test["mcc"].as_f64().unwrap()).abs() < 1e-9);
+    // ... and its bootstrap intervals (same resamples of the same predictions), which hold the
+    // test figures.
+    let intervals = &m["test_intervals"];
+    for name in ["mcc", "accuracy", "f1", "auroc", "auprc"] {
+        let [low, high] = [0, 1].map(|i| intervals[name][i].as_f64().unwrap());
+        let value = test[name].as_f64().unwrap();
+        assert!(
+            low < value && value < high,
+            "{name}: {value} outside [{low}, {high}]"
+        );
+        for i in 0..2 {
+            let again = evaluated["intervals"][name][i].as_f64().unwrap();
+            assert!(
+                (again - intervals[name][i].as_f64().unwrap()).abs() < 1e-6,
+                "{name}"
+            );
+        }
+    }
     strand_averaged_calls_do_not_depend_on_the_strand(&run.join("best"), tmp.path());
     scanning_a_locus_scores_its_windows_as_predict_scores_them(&run.join("best"), tmp.path());
     variant_effects_are_predictions_of_the_edited_windows(&run.join("best"), tmp.path());

@@ -1253,7 +1253,7 @@ fn eval_cmd(a: EvalArgs, device: Option<&str>) -> Result<()> {
             classes - 1
         );
     }
-    let (metrics, _) = train::evaluate(
+    let (metrics, probs) = train::evaluate(
         &loaded.model,
         &ids,
         reverse.as_deref(),
@@ -1262,13 +1262,26 @@ fn eval_cmd(a: EvalArgs, device: Option<&str>) -> Result<()> {
         a.model.batch_size,
         &device,
     )?;
+    let intervals = crate::eval::test_intervals(&labels, &probs, classes)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&metrics)?);
+        let mut json = serde_json::to_value(&metrics)?;
+        json["intervals"] = serde_json::to_value(&intervals)?;
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         println!("{} sequences from {}", metrics.n, a.data.display());
+        println!(
+            "{:<10} {:>8}  {:.0} % CI ({} bootstrap resamples of the sequences)",
+            "metric",
+            "value",
+            100.0 * intervals.level,
+            intervals.resamples
+        );
         for name in crate::eval::Metrics::NAMES {
             if let Some(v) = metrics.get(name) {
-                println!("{name:<10} {v:.4}");
+                let interval = intervals
+                    .get(name)
+                    .map_or(String::new(), |[low, high]| format!("{low:.4}-{high:.4}"));
+                println!("{name:<10} {v:>8.4}  {interval}");
             }
         }
         println!("confusion  {:?}", metrics.confusion);

@@ -1,14 +1,16 @@
 //! Evaluation: classification metrics, the training log, and the HTML run report.
 //!
-//! `metrics` turns labels and softmax outputs into [`Metrics`]; `log` is the JSON-lines record the
-//! trainer appends to; `report` renders both into a self-contained page with SVG charts drawn by
-//! `svg`.
+//! `metrics` turns labels and softmax outputs into [`Metrics`], `bootstrap` into their
+//! confidence intervals; `log` is the JSON-lines record the trainer appends to; `report` renders
+//! both into a self-contained page with SVG charts drawn by `svg`.
 
+mod bootstrap;
 mod log;
 mod metrics;
 mod report;
 pub mod svg;
 
+pub use bootstrap::{bootstrap_intervals, test_intervals, Intervals};
 pub use log::{parse_log, read_log, LogEntry};
 pub use metrics::{
     argmax, auroc, average_precision, compute_metrics, confusion_matrix, mcc, pr_curve, roc_curve,

@@ -9,7 +9,7 @@ use anyhow::Result;
 
 use super::metrics::{pr_curve, roc_curve};
 use super::svg::{LineChart, Series, Style, PALETTE};
-use super::{LogEntry, Metrics};
+use super::{Intervals, LogEntry, Metrics};
 
 /// Everything the report shows. `best_metric` is one of [`Metrics::NAMES`]; it picks the best
 /// development evaluation, as checkpoint selection does.
@@ -27,6 +27,8 @@ pub struct TestResult<'a> {
     pub labels: &'a [usize],
     pub probs: &'a [f32],
     pub num_classes: usize,
+    /// Bootstrap intervals of `metrics`, shown beside them.
+    pub intervals: Option<&'a Intervals>,
 }
 
 /// Escapes the characters that are special in HTML text and attribute values.
@@ -148,6 +150,9 @@ pub fn render_cross_validation_report(input: &CrossValidationInput) -> String {
         html.push_str(&metrics_row(&format!("fold {}", i + 1), m, input.metric));
     }
     html.push_str(&metrics_row("pooled", pooled, input.metric));
+    if let Some(intervals) = input.pooled.intervals {
+        html.push_str(&interval_row("pooled", intervals, input.metric));
+    }
     html.push_str("</tbody></table></div></section>\n");
     html.push_str(&predictions_card(
         "All folds' test predictions, pooled",
@@ -298,10 +303,16 @@ fn summary(input: &ReportInput, run: &Run) -> String {
         ));
     }
     if let Some(test) = &input.test {
+        let interval = test
+            .intervals
+            .and_then(|i| i.get(input.best_metric))
+            .map_or(String::new(), |[low, high]| {
+                format!(", 95 % CI {low:.3}&ndash;{high:.3}")
+            });
         s.push_str(&stat(
             &format!("test {}", input.best_metric),
             &fmt_metric(test.metrics.get(input.best_metric)),
-            &format!("{} sequences", test.metrics.n),
+            &format!("{} sequences{interval}", test.metrics.n),
         ));
         if input.best_metric != "auroc" {
             s.push_str(&stat(
@@ -501,6 +512,28 @@ fn metrics_row(label: &str, m: &Metrics, best_metric: &str) -> String {
     row
 }
 
+/// The bootstrap interval of each metric in `row_label`'s row, under that row.
+fn interval_row(row_label: &str, intervals: &Intervals, best_metric: &str) -> String {
+    let mut row = format!(
+        "<tr><td class=\"note\">{row_label}, {:.0} % CI ({} bootstrap resamples)</td><td></td>",
+        100.0 * intervals.level,
+        intervals.resamples
+    );
+    for name in TABLE_METRICS {
+        let class = if *name == best_metric {
+            " class=\"key note\""
+        } else {
+            " class=\"note\""
+        };
+        let cell = intervals.get(name).map_or("&mdash;".into(), |[low, high]| {
+            format!("{low:.4}&ndash;{high:.4}")
+        });
+        let _ = write!(row, "<td{class}>{cell}</td>");
+    }
+    row.push_str("</tr>");
+    row
+}
+
 const TABLE_METRICS: &[&str] = &[
     "accuracy",
     "precision",
@@ -545,6 +578,9 @@ fn metrics_section(input: &ReportInput, run: &Run) -> String {
     }
     if let Some(test) = &input.test {
         s.push_str(&metrics_row("test", test.metrics, input.best_metric));
+        if let Some(intervals) = test.intervals {
+            s.push_str(&interval_row("test", intervals, input.best_metric));
+        }
     }
     s.push_str("</tbody></table></div>");
     if let Some((_, false)) = run.best {
@@ -806,6 +842,7 @@ mod tests {
                 labels: &labels,
                 probs: &probs,
                 num_classes: 2,
+                intervals: None,
             }),
         };
         let html = render_report(&input);
@@ -875,12 +912,48 @@ mod tests {
                 labels: &labels,
                 probs: &probs,
                 num_classes: 3,
+                intervals: None,
             }),
         });
         assert_eq!(html.matches("<svg").count(), 2);
         for k in 0..3 {
             assert!(html.contains(&format!("class {k} (AUROC")), "class {k}");
         }
+    }
+
+    /// The bootstrap intervals appear under the test row, one cell per metric, and beside the
+    /// test figure of the selection metric; a report without them has neither.
+    #[test]
+    fn report_shows_test_intervals() {
+        let (labels, probs) = sample_test(200);
+        let metrics = compute_metrics(&labels, &probs, 2);
+        let intervals = crate::eval::test_intervals(&labels, &probs, 2).unwrap();
+        let render = |intervals| {
+            render_report(&ReportInput {
+                title: "t",
+                config_toml: "",
+                log: &[],
+                best_metric: "auroc",
+                test: Some(TestResult {
+                    metrics: &metrics,
+                    labels: &labels,
+                    probs: &probs,
+                    num_classes: 2,
+                    intervals,
+                }),
+            })
+        };
+        let html = render(Some(&intervals));
+        let [low, high] = intervals.get("mcc").unwrap();
+        assert!(html.contains(&format!("<td class=\"note\">{low:.4}&ndash;{high:.4}</td>")));
+        let [low, high] = intervals.get("auroc").unwrap();
+        assert!(html.contains(&format!(
+            "<td class=\"key note\">{low:.4}&ndash;{high:.4}</td>"
+        )));
+        assert!(html.contains(&format!("200 sequences, 95 % CI {low:.3}&ndash;{high:.3}")));
+        assert!(html.contains("test, 95 % CI (1000 bootstrap resamples)"));
+        let without = render(None);
+        assert!(!without.contains("% CI"));
     }
 
     #[test]
@@ -933,6 +1006,7 @@ mod tests {
                 labels: &labels,
                 probs: &probs,
                 num_classes: 2,
+                intervals: None,
             },
         });
         assert!(html.contains("<title>peaks &lt;chr&gt; folds</title>"));

@@ -685,6 +685,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         cfg.eval_batch_size,
         &device,
     )?;
+    let test_intervals = eval::test_intervals(&test.labels, &test_probs, num_labels)?;
     state.log.push(LogEntry::Eval {
         step: state.best_step,
         epoch: state.epoch as f64,
@@ -712,6 +713,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                 labels: &test.labels,
                 probs: &test_probs,
                 num_classes: num_labels,
+                intervals: Some(&test_intervals),
             }),
         },
     )?;
@@ -720,9 +722,20 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     dev_json["step"] = serde_json::json!(state.best_step);
     crate::fsutil::write_json_atomic(
         &run_dir.join("metrics.json"),
-        &serde_json::json!({ "dev_best": dev_json, "test": test_metrics, "metric": cfg.metric }),
+        &serde_json::json!({
+            "dev_best": dev_json,
+            "test": test_metrics,
+            "test_intervals": test_intervals,
+            "metric": cfg.metric
+        }),
     )?;
-    print_summary(&dev_best, &test_metrics, state.best_step, &run_dir);
+    print_summary(
+        &dev_best,
+        &test_metrics,
+        &test_intervals,
+        state.best_step,
+        &run_dir,
+    );
     Ok(RunSummary {
         dev_best,
         test: test_metrics,
@@ -835,12 +848,22 @@ pub fn write_predictions(
     })
 }
 
-fn print_summary(dev: &Metrics, test: &Metrics, best_step: usize, run_dir: &Path) {
+fn print_summary(
+    dev: &Metrics,
+    test: &Metrics,
+    intervals: &eval::Intervals,
+    best_step: usize,
+    run_dir: &Path,
+) {
     println!("\nbest checkpoint: step {best_step}");
-    println!("{:<10} {:>8} {:>8}", "metric", "dev", "test");
+    let ci = format!("test {:.0} % CI", 100.0 * intervals.level);
+    println!("{:<10} {:>8} {:>8}  {ci}", "metric", "dev", "test");
     for name in Metrics::NAMES {
         let fmt = |m: &Metrics| m.get(name).map_or("-".to_string(), |v| format!("{v:.4}"));
-        println!("{:<10} {:>8} {:>8}", name, fmt(dev), fmt(test));
+        let interval = intervals
+            .get(name)
+            .map_or(String::new(), |[low, high]| format!("{low:.4}-{high:.4}"));
+        println!("{:<10} {:>8} {:>8}  {interval}", name, fmt(dev), fmt(test));
     }
     println!(
         "\nwrote {}/{{metrics.json, log.jsonl, report.html, test_predictions.csv, best/}}",

@@ -95,6 +95,11 @@ pub fn run_folds(cfg: &TrainConfig) -> Result<FoldsSummary> {
         &predictions.probs,
         predictions.num_classes,
     )?;
+    let pooled_intervals = eval::test_intervals(
+        &predictions.labels,
+        &predictions.probs,
+        predictions.num_classes,
+    )?;
     let title = format!(
         "{}: {k}-fold cross-validation ({:?} folds)",
         cfg.data.file_name().unwrap_or_default().to_string_lossy(),
@@ -112,14 +117,20 @@ pub fn run_folds(cfg: &TrainConfig) -> Result<FoldsSummary> {
                 labels: &predictions.labels,
                 probs: &predictions.probs,
                 num_classes: predictions.num_classes,
+                intervals: Some(&pooled_intervals),
             },
         },
     )?;
     println!(
         "pooled over the {k} test folds ({} sequences, each scored by the model that held it \
-         out): MCC {:.4}, accuracy {:.4}, AUROC {}; predictions in {}, report in {}",
+         out): MCC {:.4} ({}), accuracy {:.4}, AUROC {}; predictions in {}, report in {}",
         pooled.n,
         pooled.mcc,
+        pooled_intervals
+            .get("mcc")
+            .map_or("-".into(), |[low, high]| format!(
+                "95 % CI {low:.4}-{high:.4}"
+            )),
         pooled.accuracy,
         pooled.auroc.map_or("-".into(), |v| format!("{v:.4}")),
         cfg.out.join("cv_predictions.csv").display(),
@@ -127,7 +138,12 @@ pub fn run_folds(cfg: &TrainConfig) -> Result<FoldsSummary> {
     );
     crate::fsutil::write_json_atomic(
         &cfg.out.join("folds_summary.json"),
-        &serde_json::json!({ "folds": k, "test": per_fold, "pooled": pooled }),
+        &serde_json::json!({
+            "folds": k,
+            "test": per_fold,
+            "pooled": pooled,
+            "pooled_intervals": pooled_intervals
+        }),
     )?;
     Ok(FoldsSummary { per_fold, pooled })
 }
