@@ -944,3 +944,104 @@ fn precision_bf16_reaches_predict_and_bench_and_is_refused_without_a_frozen_base
     ]);
     assert_fails_with(&out, &["bf16", "quantized"]);
 }
+
+/// `compare` pairs two prediction files by id (rows in any order; a run directory stands for
+/// its test_predictions.csv): B - A per metric, with the accuracy difference as counted by
+/// hand; predictions of other sequences or without labels are errors naming the file.
+#[test]
+fn compare_pairs_predictions_by_id_and_refuses_mismatches() {
+    let tmp = TempDir::new().unwrap();
+    let header = "id,length,label,prediction,prob_0,prob_1\n";
+    // A is right on s0-s5 (6 of 8), B on s0-s6 (7 of 8); B's rows are in another order.
+    let a_rows = [
+        ("s0", 0, 0.2),
+        ("s1", 1, 0.9),
+        ("s2", 0, 0.4),
+        ("s3", 1, 0.6),
+        ("s4", 0, 0.3),
+        ("s5", 1, 0.7),
+        ("s6", 0, 0.8),
+        ("s7", 1, 0.1),
+    ];
+    let b_p1 = [0.1, 0.8, 0.3, 0.9, 0.2, 0.6, 0.4, 0.45];
+    let row = |(id, label, p): (&str, u8, f64)| {
+        format!(
+            "{id},10,{label},{},{:.2},{p:.2}\n",
+            u8::from(p > 0.5),
+            1.0 - p
+        )
+    };
+    let a_text: String = a_rows.iter().map(|&r| row(r)).collect();
+    let b_text: String = a_rows
+        .iter()
+        .zip(b_p1)
+        .rev()
+        .map(|(&(id, label, _), p)| row((id, label, p)))
+        .collect();
+    let a = write(tmp.path(), "a.csv", &format!("{header}{a_text}"));
+    let run = tmp.path().join("run-b");
+    fs::create_dir(&run).unwrap();
+    write(&run, "test_predictions.csv", &format!("{header}{b_text}"));
+    let out = dnatune(&["compare", s(&a), s(&run), "--json", "--resamples", "500"]);
+    assert_ok(&out);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["n"], 8);
+    let accuracy = json["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["metric"] == "accuracy")
+        .unwrap();
+    let (a_acc, b_acc) = (6.0 / 8.0, 7.0 / 8.0);
+    assert!(
+        (accuracy["a"].as_f64().unwrap() - a_acc).abs() < 1e-12,
+        "{accuracy}"
+    );
+    assert!((accuracy["difference"].as_f64().unwrap() - (b_acc - a_acc)).abs() < 1e-12);
+    let (low, high) = (
+        accuracy["low"].as_f64().unwrap(),
+        accuracy["high"].as_f64().unwrap(),
+    );
+    assert!(
+        low <= 0.0 && high > 0.0,
+        "one sequence of eight proves nothing: {accuracy}"
+    );
+    let text = dnatune(&["compare", s(&a), s(&run)]);
+    assert_ok(&text);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("paired bootstrap over the 8 sequences"));
+
+    let fewer = write(
+        tmp.path(),
+        "fewer.csv",
+        &format!(
+            "{header}{}",
+            a_rows[..7].iter().map(|&r| row(r)).collect::<String>()
+        ),
+    );
+    let out = dnatune(&["compare", s(&fewer), s(&a)]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("a.csv holds 8 sequences"),
+        "{}",
+        stderr(&out)
+    );
+    let unlabelled = write(
+        tmp.path(),
+        "preds.csv",
+        "id,length,prediction,prob_0,prob_1\ns0,10,0,0.8,0.2\n",
+    );
+    let out = dnatune(&["compare", s(&a), s(&unlabelled)]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("preds.csv: needs `id` and `label` columns"),
+        "{}",
+        stderr(&out)
+    );
+    let out = dnatune(&["compare", s(&a), s(tmp.path())]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("neither cv_predictions.csv nor test_predictions.csv"),
+        "{}",
+        stderr(&out)
+    );
+}

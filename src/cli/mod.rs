@@ -48,6 +48,12 @@ enum Command {
     Predict(PredictCmdArgs),
     /// Evaluate a model on a labelled file.
     Eval(EvalArgs),
+    /// Compare two models' predictions of the same labelled sequences: each metric, the
+    /// difference B - A with its paired-bootstrap interval, and a two-sided p-value.
+    ///
+    /// A and B are predictions CSVs with id, label and prob_* columns (a run's
+    /// test_predictions.csv, a cross-validation's cv_predictions.csv) or run directories.
+    Compare(CompareArgs),
     /// Explain predictions: each base's effect on the call (in-silico mutagenesis) and the
     /// window of bases that drives it.
     ///
@@ -516,6 +522,22 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct CompareArgs {
+    /// The baseline: a predictions CSV or a run directory.
+    a: PathBuf,
+    /// The challenger, on the same sequences (matched by id).
+    b: PathBuf,
+    /// Bootstrap resamples of the sequences.
+    #[arg(long, default_value_t = 2000)]
+    resamples: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the comparison as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     #[arg(long)]
     model: PathBuf,
@@ -573,6 +595,7 @@ pub fn main() -> i32 {
         Command::Train(a) => train_cmd(*a, device),
         Command::Predict(a) => predict(a, device),
         Command::Eval(a) => eval_cmd(a, device),
+        Command::Compare(a) => compare_cmd(a),
         Command::Explain(a) => explain_cmd(a, device),
         Command::Scan(a) => scan_cmd(a, device),
         Command::Variants(a) => variants_cmd(a, device),
@@ -1285,6 +1308,52 @@ fn eval_cmd(a: EvalArgs, device: Option<&str>) -> Result<()> {
             }
         }
         println!("confusion  {:?}", metrics.confusion);
+    }
+    Ok(())
+}
+
+fn compare_cmd(a: CompareArgs) -> Result<()> {
+    if a.resamples < 100 {
+        bail!("--resamples must be at least 100, got {}", a.resamples);
+    }
+    let read =
+        |path: &Path| crate::eval::read_labelled_predictions(&crate::eval::predictions_file(path)?);
+    let (first, second) = (read(&a.a)?, read(&a.b)?);
+    let differences = crate::eval::paired_bootstrap(&first, &second, 0.95, a.resamples, a.seed)?;
+    if a.json {
+        let json = serde_json::json!({
+            "a": first.path,
+            "b": second.path,
+            "n": first.labels.len(),
+            "resamples": a.resamples,
+            "level": 0.95,
+            "metrics": differences,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!("A: {}", first.path.display());
+    println!("B: {}", second.path.display());
+    println!(
+        "paired bootstrap over the {} sequences, {} resamples: B - A with its 95 % interval\n",
+        first.labels.len(),
+        a.resamples
+    );
+    println!(
+        "{:<10} {:>8} {:>8} {:>8}  {:<19}  p",
+        "metric", "A", "B", "B - A", "95 % CI"
+    );
+    let floor = 1.0 / a.resamples as f64;
+    for d in &differences {
+        let p = if d.p_value < floor {
+            format!("< {floor}")
+        } else {
+            format!("{:.3}", d.p_value)
+        };
+        println!(
+            "{:<10} {:>8.4} {:>8.4} {:>+8.4}  [{:+.4}, {:+.4}]  {p}",
+            d.metric, d.a, d.b, d.difference, d.low, d.high
+        );
     }
     Ok(())
 }

@@ -63,12 +63,9 @@ pub fn bootstrap_intervals(
     let draws: Vec<Metrics> = (0..resamples)
         .into_par_iter()
         .map(|r| {
-            let mut rng =
-                StdRng::seed_from_u64(seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut sample_labels = Vec::with_capacity(n);
             let mut sample_probs = Vec::with_capacity(n * num_classes);
-            for _ in 0..n {
-                let i = rng.random_range(0..n);
+            for i in resample(n, seed, r) {
                 sample_labels.push(labels[i]);
                 sample_probs.extend_from_slice(&probs[i * num_classes..(i + 1) * num_classes]);
             }
@@ -95,9 +92,16 @@ pub fn bootstrap_intervals(
     })
 }
 
+/// Resample `r` of `n` items with replacement: indices from a generator seeded by `seed` and
+/// `r`, so a resample does not depend on which thread draws it.
+pub(super) fn resample(n: usize, seed: u64, r: usize) -> impl Iterator<Item = usize> {
+    let mut rng = StdRng::seed_from_u64(seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    (0..n).map(move |_| rng.random_range(0..n))
+}
+
 /// The `q` quantile of sorted `values`, interpolating linearly between neighbours (NumPy's
 /// default).
-fn quantile(values: &[f64], q: f64) -> f64 {
+pub(super) fn quantile(values: &[f64], q: f64) -> f64 {
     let position = q * (values.len() - 1) as f64;
     let below = position.floor() as usize;
     let above = (below + 1).min(values.len() - 1);
