@@ -307,6 +307,14 @@ fn predict_and_eval_warn_about_sequences_cut_at_max_length() {
     assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
 }
 
+/// The rows of a CSV file below its header, as strings.
+fn read_csv(path: &Path) -> Vec<Vec<String>> {
+    let mut rdr = csv::Reader::from_path(path).unwrap();
+    rdr.records()
+        .map(|r| r.unwrap().iter().map(str::to_string).collect())
+        .collect()
+}
+
 /// `train --folds 3` on one file: every record is tested in exactly one fold, by that fold's
 /// run; cv_predictions.csv pools the folds' test predictions, and folds_summary.json's pooled
 /// MCC and AUROC (and the report's) equal those recomputed by hand from it. A second
@@ -331,12 +339,6 @@ fn cross_validation_tests_every_record_once_and_pools_the_folds() {
     let first = dnatune(&args);
     assert_ok(&first);
 
-    let read_csv = |path: &Path| -> Vec<Vec<String>> {
-        let mut rdr = csv::Reader::from_path(path).unwrap();
-        rdr.records()
-            .map(|r| r.unwrap().iter().map(str::to_string).collect())
-            .collect()
-    };
     // cv_predictions.csv: fold, id, length, label, prediction, prob_0, prob_1.
     let pooled = read_csv(&run.join("cv_predictions.csv"));
     let input_ids: std::collections::BTreeSet<String> =
@@ -1044,4 +1046,55 @@ fn compare_pairs_predictions_by_id_and_refuses_mismatches() {
         "{}",
         stderr(&out)
     );
+}
+
+/// `eval --out` writes labelled predictions: predict's probabilities plus the labels, which
+/// `compare` reads (one model against itself: no difference).
+#[test]
+fn eval_writes_labelled_predictions_that_compare_reads() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let input = write(
+        tmp.path(),
+        "x.csv",
+        "id,sequence,label\nq1,ACGTAGCTAGCT,0\nq2,GGGCCCATAT,1\nq3,TTTTACGA,1\n",
+    );
+    let (labelled, plain) = (tmp.path().join("eval.csv"), tmp.path().join("predict.csv"));
+    let out = dnatune(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&input),
+        "--out",
+        s(&labelled),
+    ]);
+    assert_ok(&out);
+    let out = dnatune(&[
+        "predict",
+        "--model",
+        s(&model),
+        "--input",
+        s(&input),
+        "--out",
+        s(&plain),
+    ]);
+    assert_ok(&out);
+    let evaluated = read_csv(&labelled);
+    let predicted = read_csv(&plain);
+    assert_eq!(evaluated.len(), 3);
+    for (e, p) in evaluated.iter().zip(&predicted) {
+        // id, length, label, prediction, probabilities against id, length, prediction, probabilities.
+        assert_eq!((&e[0], &e[1]), (&p[0], &p[1]));
+        assert_eq!(e[3..], p[2..]);
+    }
+    let labels: Vec<&str> = evaluated.iter().map(|r| r[2].as_str()).collect();
+    assert_eq!(labels, ["0", "1", "1"]);
+    let out = dnatune(&["compare", s(&labelled), s(&labelled), "--json"]);
+    assert_ok(&out);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for metric in json["metrics"].as_array().unwrap() {
+        assert_eq!(metric["difference"], 0.0, "{metric}");
+        assert_eq!(metric["p_value"], 1.0, "{metric}");
+    }
 }

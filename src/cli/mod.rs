@@ -519,6 +519,10 @@ struct EvalArgs {
     /// Print the metrics as JSON.
     #[arg(long)]
     json: bool,
+    /// Also write each sequence's label and class probabilities, as a run's
+    /// test_predictions.csv (for `compare`).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -1286,6 +1290,14 @@ fn eval_cmd(a: EvalArgs, device: Option<&str>) -> Result<()> {
         &device,
     )?;
     let intervals = crate::eval::test_intervals(&labels, &probs, classes)?;
+    if let Some(out) = &a.out {
+        train::write_predictions(out, &ds.records, &probs, classes, true)?;
+        eprintln!(
+            "wrote {} labelled predictions to {}",
+            ds.records.len(),
+            out.display()
+        );
+    }
     if a.json {
         let mut json = serde_json::to_value(&metrics)?;
         json["intervals"] = serde_json::to_value(&intervals)?;
