@@ -12,6 +12,12 @@ and writes a table next to the published DNABERT-2 numbers. Standard library onl
 `--configs` picks other columns, e.g. `--configs b,d --out RESULTS-strands.md` for (d), (b) on
 both strands: reverse complements added to training, dev and test scored on both strands.
 
+`--folds 5` measures the same configurations by k-fold cross-validation instead of GUE's fixed
+split: each task's train, dev and test sequences are pooled into one file and `dnatune train
+--folds K --split stratified` tests every sequence once (first seed only); the table shows the
+fold mean +- sd, the pooled MCC and AUROC, and, with `--fixed-results RESULTS.md`, the same
+configuration's seed mean on the fixed split next to them (`--out RESULTS-cv.md`).
+
 `--train-positives 0.1` keeps that fraction of each task's training positives (a fixed random
 subset; dev and test unchanged), the imbalance of peaks against background a lab's own data
 often has; with `--configs b,e` it measures (e), (b) with the loss weighted by class (`balanced`).
@@ -87,6 +93,111 @@ def with_fewer_positives(gue: Path, task: str, fraction: float, out: Path) -> Pa
     return target
 
 
+def pooled_task(gue: Path, task: str, out: Path) -> Path:
+    """One CSV with the task's train, dev and test rows in that order, under one header."""
+    target = out / task / "all.csv"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for split in ("train.csv", "dev.csv", "test.csv"):
+        rows = (gue / task / split).read_text().splitlines()
+        lines += rows if not lines else rows[1:]
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(target)
+    return target
+
+
+def fixed_split_cell(results: Path, task: str, key: str) -> str:
+    """The cell of configuration `key` for `task` in a RESULTS.md table a fixed-split invocation wrote."""
+    rows = [line.split("|")[1:-1] for line in results.read_text().splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in rows[0]]
+    column = next((i for i, name in enumerate(header) if name.startswith(f"({key})")), None)
+    row = next((r for r in rows if r[0].strip() == task), None)
+    return row[column].strip() if column is not None and row else "not run"
+
+
+def multiclass_mcc(pairs: list[tuple[int, int]]) -> float:
+    """MCC of (label, call) pairs, Gorodkin's K-class form (the binary MCC for two classes)."""
+    classes = sorted({c for pair in pairs for c in pair})
+    n = len(pairs)
+    correct = sum(1 for y, c in pairs if y == c)
+    true_counts = [sum(1 for y, _ in pairs if y == k) for k in classes]
+    call_counts = [sum(1 for _, c in pairs if c == k) for k in classes]
+    cross = sum(t * c for t, c in zip(true_counts, call_counts))
+    denominator = ((n * n - sum(c * c for c in call_counts)) * (n * n - sum(t * t for t in true_counts))) ** 0.5
+    return (correct * n - cross) / denominator if denominator else 0.0
+
+
+def mcc_by_origin(gue: Path, task: str, predictions: Path, resamples: int = 1000) -> dict[str, tuple]:
+    """Pooled cross-validation MCC over the rows that came from each of GUE's train, dev and test
+    files, with a bootstrap sd (seeded resampling of those rows): is GUE's fixed test set as hard
+    as the rest of the task's sequences, for models that did not see it?"""
+    sizes = [len((gue / task / f"{split}.csv").read_text().splitlines()) - 1 for split in ("train", "dev", "test")]
+    by_origin: dict[str, list[tuple[int, int]]] = {"train": [], "dev": [], "test": []}
+    for row in predictions.read_text().splitlines()[1:]:
+        fields = row.split(",")
+        index = int(fields[1].rsplit(":", 1)[1]) - 2  # the id's line number in all.csv, after its header
+        origin = "train" if index < sizes[0] else "dev" if index < sizes[0] + sizes[1] else "test"
+        by_origin[origin].append((int(fields[3]), int(fields[4])))
+    rng = random.Random(0)
+    result = {}
+    for origin, pairs in by_origin.items():
+        draws = [multiclass_mcc(rng.choices(pairs, k=len(pairs))) for _ in range(resamples)]
+        mean = sum(draws) / resamples
+        sd = (sum((d - mean) ** 2 for d in draws) / (resamples - 1)) ** 0.5
+        result[origin] = (len(pairs), multiclass_mcc(pairs), sd)
+    return result
+
+
+def mcc_cell(stat: dict) -> str:
+    return f"{100 * stat['mean']:.2f} +- {100 * stat['sd']:.2f}"
+
+
+def cross_validation_table(args, configs: dict, tasks: list[str], eval_every: int, provenance: str) -> list[str]:
+    """RESULTS-cv.md: per task and configuration, the fold mean +- sd, pooled MCC and AUROC, the
+    fixed GUE split's seed mean from a RESULTS.md table, and the pooled MCC per GUE file."""
+    seed = args.seeds.split(",")[0]
+    lines = [
+        f"# Results: GUE transcription-factor tasks, {args.folds}-fold cross-validation",
+        "",
+        f"Each task's train, dev and test sequences pooled into one file and split into {args.folds} stratified "
+        f"folds (seed {seed}); each fold is the test set of one run trained on the other folds, with 10 % of "
+        f"them held out as dev to pick the checkpoint. Every sequence is tested once, by the model that did not "
+        f"see it. Test MCC x 100: mean +- sd over folds, and pooled (all held-out predictions together, "
+        f"`cv_predictions.csv`). Budget {args.max_steps} optimiser steps of batch 32, dev evaluation every "
+        f"{eval_every} steps, the other settings as RESULTS.md. {args.jobs} training process(es) of "
+        f"{args.threads} CPU thread(s) at a time. Made by `tools/make_results.py --folds {args.folds}` ({provenance}).",
+        "",
+        "The last three columns split the pooled predictions by the GUE file each sequence came from, "
+        "+- a bootstrap sd (1,000 resamples of those rows): whether GUE's fixed test set is as hard as the "
+        "rest of the task for models that did not train on it.",
+        "",
+    ]
+    header = "| task | sequences | configuration | "
+    if args.fixed_results:
+        header += f"GUE fixed split ({args.fixed_results.name}) | "
+    header += (
+        f"{args.folds}-fold CV, mean +- sd | pooled MCC | pooled AUROC | pooled MCC on GUE's train rows | "
+        "on dev rows | on test rows |"
+    )
+    lines += [header, "|" + " --- |" * (header.count("|") - 1)]
+    for task in tasks:
+        for key, (name, _, _) in configs.items():
+            summary = json.loads((args.runs / task.replace("/", "-") / key / "folds_summary.json").read_text())
+            cv = next(s for s in summary["test"] if s["metric"] == "mcc")
+            pooled = summary["pooled"]
+            cells = [task, str(pooled["n"]), f"({key}) {name}"]
+            if args.fixed_results:
+                cells.append(fixed_split_cell(args.fixed_results, task, key))
+            cells += [mcc_cell(cv), f"{100 * pooled['mcc']:.2f}", f"{pooled['auroc']:.3f}"]
+            origins = mcc_by_origin(args.gue, task, args.runs / task.replace("/", "-") / key / "cv_predictions.csv")
+            cells += [f"{100 * mcc:.2f} +- {100 * sd:.2f} (n {n})" for n, mcc, sd in origins.values()]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def prior_shifted_mcc(predictions: Path, positive_fraction: float) -> float:
     """MCC of a binary test_predictions.csv with positives weighted so that they make up
     `positive_fraction` of the set: the expected MCC on a test set with that imbalance."""
@@ -119,7 +230,11 @@ def main() -> int:
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"columns, of {','.join(CONFIGS)}")
     p.add_argument("--out", type=Path, default=ROOT / "RESULTS.md")
     p.add_argument("--train-positives", type=float, default=1.0, help="fraction of training positives kept")
+    p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation of the pooled task instead")
+    p.add_argument("--fixed-results", type=Path, help="a fixed-split RESULTS.md whose figures are shown beside the folds")
     args = p.parse_args()
+    if args.folds and args.train_positives < 1.0:
+        p.error("--folds pools each task's sequences as they are; it does not take --train-positives")
     configs = {k: CONFIGS[k] for k in args.configs.split(",")}
     binary = str(args.binary)
     if not args.binary.exists():
@@ -138,30 +253,44 @@ def main() -> int:
         data = args.gue / task
         if args.train_positives < 1.0:
             data = with_fewer_positives(args.gue, task, args.train_positives, args.runs / "data")
+        if args.folds:
+            data = pooled_task(args.gue, task, args.runs / "data")
+            repeat = ["--folds", str(args.folds), "--split", "stratified", "--seed", args.seeds.split(",")[0]]
+            done = "folds_summary.json"
+        else:
+            repeat = ["--seeds", args.seeds]
+            done = "seeds_summary.json"
         for key, (_, model, extra) in configs.items():
             out = args.runs / task.replace("/", "-") / key
             cmd = [
                 binary, "--threads", str(args.threads), "train",
                 "--model", str(models[model]), "--data", str(data), "--out", str(out),
-                "--seeds", args.seeds, "--max-steps", str(args.max_steps), "--epochs", "1000",
+                *repeat, "--max-steps", str(args.max_steps), "--epochs", "1000",
                 "--batch-size", "32", "--eval-every", str(eval_every), "--patience", "0",
                 *SHARED_ARGS, *extra,
             ]
             commands.append(cmd)
-            if not (out / "seeds_summary.json").exists():
+            if not (out / done).exists():
                 out.mkdir(parents=True, exist_ok=True)
                 pending.append((cmd, out / "train.log"))
     started = time.time()
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         list(pool.map(lambda job: run(*job), pending))
     hours = (time.time() - started) / 3600
+    sweep, unit = ("cross-validation", "fold") if args.folds else ("seed sweep", "seed")
     if pending:
         provenance = (
-            f"this invocation ran or resumed {len(pending)} of the {len(commands)} seed sweeps in {hours:.1f} h "
-            f"and reused the rest; a sweep also reuses every seed an earlier invocation finished"
+            f"this invocation ran or resumed {len(pending)} of the {len(commands)} {sweep}s in {hours:.1f} h "
+            f"and reused the rest; a {sweep} also reuses every {unit} an earlier invocation finished"
         )
     else:
-        provenance = f"all {len(commands)} seed sweeps were run by earlier invocations and reused here"
+        provenance = f"all {len(commands)} {sweep}s were run by earlier invocations and reused here"
+    if args.folds:
+        lines = cross_validation_table(args, configs, tasks, eval_every, provenance)
+        lines += ["", "## Commands", "", "```sh", *[shlex.join(c) for c in commands], "```", ""]
+        args.out.write_text("\n".join(lines))
+        print("\n".join(lines))
+        return 0
     for task in tasks:
         for key in configs:
             summary = args.runs / task.replace("/", "-") / key / "seeds_summary.json"
