@@ -1098,3 +1098,82 @@ fn eval_writes_labelled_predictions_that_compare_reads() {
         assert_eq!(metric["p_value"], 1.0, "{metric}");
     }
 }
+
+/// The probability columns of a predictions file (the last `classes` fields of each row).
+fn probabilities(path: &Path, classes: usize) -> Vec<f64> {
+    read_csv(path)
+        .iter()
+        .flat_map(|r| r[r.len() - classes..].iter().map(|v| v.parse().unwrap()))
+        .collect()
+}
+
+fn max_abs_difference(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn a_head_trained_on_mean_pooling_is_scored_with_it_without_being_told() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = small_gue(tmp.path(), 48, &["train", "dev", "test"]);
+    let test = data.join("test.csv");
+    let run = tmp.path().join("run");
+    let mut args = vec!["train", "--model", s(&model), "--data", s(&data)];
+    args.extend(["--out", s(&run), "--method", "lora", "--pooling", "mean"]);
+    args.extend([
+        "--max-steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--batch-size",
+        "16",
+    ]);
+    args.extend(["--lr", "1e-2"]);
+    assert_ok(&dnatune(&args));
+    let best = run.join("best");
+    let trained = probabilities(&run.join("test_predictions.csv"), 2);
+
+    let predict = |extra: &[&str], out: &Path| {
+        let mut args = vec!["predict", "--model", s(&model), "--adapter", s(&best)];
+        args.extend(["--input", s(&test), "--out", s(out)]);
+        args.extend(extra);
+        dnatune(&args)
+    };
+    let preds = tmp.path().join("preds.csv");
+    assert_ok(&predict(&[], &preds));
+    let diff = max_abs_difference(&probabilities(&preds, 2), &trained);
+    assert!(
+        diff < 1e-5,
+        "predict repeats the run's test probabilities: {diff}"
+    );
+    assert_fails_with(
+        &predict(&["--pooling", "cls"], &preds),
+        &["dnatune.json", "trained on mean pooling", "--pooling cls"],
+    );
+
+    // The merged model carries the record, and scores as base + adapter.
+    let merged = tmp.path().join("merged");
+    let mut args = vec!["merge", "--model", s(&model), "--adapter", s(&best)];
+    args.extend(["--out", s(&merged)]);
+    assert_ok(&dnatune(&args));
+    let merged_preds = tmp.path().join("merged.csv");
+    let mut args = vec!["predict", "--model", s(&merged), "--input", s(&test)];
+    args.extend(["--out", s(&merged_preds)]);
+    assert_ok(&dnatune(&args));
+    let diff = max_abs_difference(&probabilities(&merged_preds, 2), &trained);
+    assert!(diff < 1e-4, "merged model scores as trained: {diff}");
+
+    // Without the record the same adapter is scored on [CLS]: other probabilities, which is
+    // what the record prevents.
+    fs::remove_file(best.join("dnatune.json")).unwrap();
+    assert_ok(&predict(&[], &preds));
+    let diff = max_abs_difference(&probabilities(&preds, 2), &trained);
+    assert!(
+        diff > 1e-3,
+        "cls pooling should change the probabilities: {diff}"
+    );
+}

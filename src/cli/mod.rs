@@ -353,8 +353,10 @@ struct ModelArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 128)]
     max_length: usize,
-    #[arg(long, value_enum, default_value = "cls")]
-    pooling: Pooling,
+    /// How the head summarises a sequence. dnatune's own models record the pooling they were
+    /// trained with (`dnatune.json`) and are scored with it; others default to cls.
+    #[arg(long, value_enum)]
+    pooling: Option<Pooling>,
     #[arg(long, default_value = "sequence")]
     sequence_column: String,
     #[arg(long, default_value = "label")]
@@ -949,7 +951,7 @@ fn load_for_inference(
     let opts = LoadOptions {
         trainable: Trainable::Nothing,
         lora,
-        pooling: a.pooling,
+        pooling: model::head::inference_pooling(&a.model, a.adapter.as_deref(), a.pooling)?,
         quantize: a.quantize,
         precision: a.precision,
         ..LoadOptions::default()

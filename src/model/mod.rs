@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dnabert2;
 pub mod esm;
+pub mod head;
 pub mod inspect;
 pub mod layers;
 pub mod mlm;
@@ -40,6 +41,16 @@ pub enum Pooling {
     #[default]
     Cls,
     Mean,
+}
+
+impl Pooling {
+    /// The name on the command line and in configuration files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Cls => "cls",
+            Pooling::Mean => "mean",
+        }
+    }
 }
 
 pub enum Encoder {

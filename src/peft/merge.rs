@@ -64,6 +64,8 @@ pub fn merge_adapter(base_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Res
     let device = Device::Cpu;
     let ad = adapter::load_adapter(adapter_dir, &device)?;
     let scaling = ad.config.scaling();
+    let head = model::head::read_head_record(adapter_dir)?;
+    let pooling = head.map(|h| h.pooling).unwrap_or_default();
     // Building the adapted model first checks ranks, shapes and target names with the loader's
     // messages, and gives the reference logits.
     let unmerged = model::load_classifier(
@@ -72,6 +74,7 @@ pub fn merge_adapter(base_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Res
         &LoadOptions {
             trainable: Trainable::Nothing,
             lora: Some(ad.config.clone()),
+            pooling,
             ..LoadOptions::default()
         },
         &device,
@@ -85,6 +88,7 @@ pub fn merge_adapter(base_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Res
         Some(folded),
         &LoadOptions {
             trainable: Trainable::Nothing,
+            pooling,
             ..LoadOptions::default()
         },
         &device,
@@ -98,6 +102,9 @@ pub fn merge_adapter(base_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Res
         tokenizer.as_ref(),
         DType::F32,
     )?;
+    if let Some(record) = head {
+        model::head::write_head_record(out_dir, record)?;
+    }
     Ok(MergeSummary {
         merged_modules,
         max_logit_diff,

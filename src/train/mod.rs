@@ -457,6 +457,17 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     for note in &notes {
         println!("model: {note}");
     }
+    let head_dir = cfg.adapter.as_deref().unwrap_or(&cfg.model);
+    if let Some(record) = model::head::read_head_record(head_dir)? {
+        if record.pooling != cfg.pooling {
+            eprintln!(
+                "warning: the head in {} was trained on {} pooling and now trains on {}",
+                head_dir.display(),
+                record.pooling.name(),
+                cfg.pooling.name()
+            );
+        }
+    }
     let (total, trainable) = (params.num_params(), params.num_trainable());
     println!(
         "parameters: {} total, {} trainable ({:.2} %), method {}, weights {:.1} MiB",
@@ -784,6 +795,10 @@ impl BestSaver<'_> {
             }
             Some(lora) => adapter::save_adapter(&tmp, lora, params, &self.cfg.model)?,
         }
+        let record = model::head::HeadRecord {
+            pooling: self.cfg.pooling,
+        };
+        model::head::write_head_record(&tmp, record)?;
         state::replace_dir(&tmp, dir)
     }
 }
