@@ -10,6 +10,7 @@ pub mod batch;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod ensemble;
 pub mod eval;
 pub mod explain;
 pub mod fsutil;

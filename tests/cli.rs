@@ -1177,3 +1177,77 @@ fn a_head_trained_on_mean_pooling_is_scored_with_it_without_being_told() {
         "cls pooling should change the probabilities: {diff}"
     );
 }
+
+#[test]
+fn an_ensemble_scores_the_mean_of_its_members_probabilities() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = small_gue(tmp.path(), 48, &["train", "dev", "test"]);
+    let test = data.join("test.csv");
+    let train = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--model", s(&model), "--data", s(&data)];
+        args.extend(["--out", s(out), "--max-steps", "4", "--eval-every", "2"]);
+        args.extend(["--batch-size", "16", "--lr", "1e-2"]);
+        args.extend(extra);
+        assert_ok(&dnatune(&args));
+    };
+    let (lora, full) = (tmp.path().join("lora"), tmp.path().join("full"));
+    train(
+        &lora,
+        &["--method", "lora", "--seeds", "1,2", "--pooling", "mean"],
+    );
+    train(&full, &["--method", "full"]);
+    let out = tmp.path().join("p.csv");
+    let predict = |model: &Path, extra: &[&str]| {
+        let mut args = vec!["predict", "--model", s(model), "--input", s(&test)];
+        args.extend(["--out", s(&out)]);
+        args.extend(extra);
+        assert_ok(&dnatune(&args));
+        probabilities(&out, 2)
+    };
+    let full_best = full.join("best");
+    let members = [
+        predict(&model, &["--adapter", s(&lora.join("seed-1/best"))]),
+        predict(&model, &["--adapter", s(&lora.join("seed-2/best"))]),
+        predict(&full_best, &[]),
+    ];
+    assert!(
+        max_abs_difference(&members[0], &members[1]) > 1e-4,
+        "seeds differ"
+    );
+    let ensemble = predict(&model, &["--ensemble", s(&lora), s(&full_best)]);
+    let mean: Vec<f64> = (0..ensemble.len())
+        .map(|i| members.iter().map(|m| m[i]).sum::<f64>() / 3.0)
+        .collect();
+    let diff = max_abs_difference(&ensemble, &mean);
+    assert!(diff < 2e-6, "ensemble = mean of its members: {diff}");
+
+    // eval scores the same mean, and writes it with the labels.
+    let labelled = tmp.path().join("e.csv");
+    let mut args = vec!["eval", "--model", s(&model), "--data", s(&test)];
+    args.extend(["--ensemble", s(&lora), s(&full_best), "--out", s(&labelled)]);
+    assert_ok(&dnatune(&args));
+    assert_eq!(probabilities(&labelled, 2), ensemble);
+
+    // A full model of another shape, an unfinished run and --adapter are refused.
+    let other = tmp.path().join("other");
+    let tokenizer = repo_file("assets/tokenizers/dna-bpe-4096/tokenizer.json");
+    let mut args = vec!["init-model", "--arch", "dnabert2", "--layers", "2"];
+    args.extend(["--hidden", "32", "--heads", "2", "--intermediate", "64"]);
+    args.extend(["--tokenizer", s(&tokenizer), "--out", s(&other)]);
+    assert_ok(&dnatune(&args));
+    let mut args = vec!["predict", "--model", s(&model), "--input", s(&test)];
+    args.extend(["--out", s(&out), "--ensemble", s(&other)]);
+    assert_fails_with(&dnatune(&args), &["is not a fine-tune of"]);
+    fs::create_dir_all(lora.join("seed-3")).unwrap();
+    let mut args = vec!["predict", "--model", s(&model), "--input", s(&test)];
+    args.extend(["--out", s(&out), "--ensemble", s(&lora)]);
+    assert_fails_with(&dnatune(&args), &["seed-3 has no best checkpoint"]);
+    let mut args = vec!["predict", "--model", s(&model), "--input", s(&test)];
+    let seed_1 = lora.join("seed-1/best");
+    args.extend(["--out", s(&out), "--ensemble", s(&full_best)]);
+    args.extend(["--adapter", s(&seed_1)]);
+    let refused = dnatune(&args);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("cannot be used with"));
+}

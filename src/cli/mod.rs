@@ -424,6 +424,18 @@ struct PredictCmdArgs {
     /// (twice the work; a call then does not depend on the strand a sequence is written on).
     #[arg(long)]
     average_strands: bool,
+    #[command(flatten)]
+    ensemble: EnsembleArgs,
+}
+
+/// Several fine-tuned models scored as one.
+#[derive(Args)]
+struct EnsembleArgs {
+    /// Average the class probabilities of several fine-tunes of --model: checkpoint directories
+    /// (adapters on --model, or full models of its shape), or `train --seeds`/`--folds` run
+    /// directories, each standing for the best checkpoint of every one of its runs.
+    #[arg(long = "ensemble", num_args = 1.., value_name = "DIR", conflicts_with = "adapter")]
+    dirs: Vec<PathBuf>,
 }
 
 /// `predict`'s input and output, with `--out` a directory, and the explanation's own.
@@ -518,6 +530,8 @@ struct EvalArgs {
     /// Score each sequence and its reverse complement and average their class probabilities.
     #[arg(long)]
     average_strands: bool,
+    #[command(flatten)]
+    ensemble: EnsembleArgs,
     /// Print the metrics as JSON.
     #[arg(long)]
     json: bool,
@@ -935,13 +949,29 @@ fn load_for_inference(
     a: &ModelArgs,
     device: &candle_core::Device,
 ) -> Result<(model::LoadedModel, Box<dyn Tokenizer>)> {
+    check_inference_args(a)?;
+    load_checkpoint(a, &a.model, a.adapter.as_deref(), device)
+}
+
+fn check_inference_args(a: &ModelArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
     if a.max_length < 3 {
         bail!("--max-length must be at least 3 ([CLS], one token, [SEP])");
     }
-    let (tensors, lora) = match &a.adapter {
+    Ok(())
+}
+
+/// [`load_for_inference`] of the model in `model_dir` with the adapter in `adapter_dir`, the
+/// other settings from `a`.
+fn load_checkpoint(
+    a: &ModelArgs,
+    model_dir: &Path,
+    adapter_dir: Option<&Path>,
+    device: &candle_core::Device,
+) -> Result<(model::LoadedModel, Box<dyn Tokenizer>)> {
+    let (tensors, lora) = match adapter_dir {
         Some(dir) => {
             let ad = adapter::load_adapter(dir, device)?;
             (Some(ad.tensors), Some(ad.config))
@@ -951,17 +981,72 @@ fn load_for_inference(
     let opts = LoadOptions {
         trainable: Trainable::Nothing,
         lora,
-        pooling: model::head::inference_pooling(&a.model, a.adapter.as_deref(), a.pooling)?,
+        pooling: model::head::inference_pooling(model_dir, adapter_dir, a.pooling)?,
         quantize: a.quantize,
         precision: a.precision,
         ..LoadOptions::default()
     };
-    let loaded = model::load_classifier(&a.model, tensors, &opts, device)?;
+    let loaded = model::load_classifier(model_dir, tensors, &opts, device)?;
     for note in &loaded.notes {
         eprintln!("model: {note}");
     }
-    let tokenizer = tokenize::load_tokenizer(&a.model)?;
+    let tokenizer = tokenize::load_tokenizer(model_dir)?;
     Ok((loaded, tokenizer))
+}
+
+/// Class probabilities (row-major N x C) of `records` and the class count C: from the model of
+/// `a` (with its adapter), or, with `ensemble` members, their mean. Each member is loaded,
+/// tokenizes with its own tokenizer and is dropped before the next.
+fn score_records(
+    a: &ModelArgs,
+    ensemble: &[PathBuf],
+    records: &[data::Record],
+    average_strands: bool,
+    device: &candle_core::Device,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<(Vec<f32>, usize)> {
+    use crate::ensemble::{Member, ProbabilityMean};
+    let members = if ensemble.is_empty() {
+        vec![None]
+    } else {
+        let members = crate::ensemble::resolve_members(ensemble)?;
+        eprintln!("ensemble of {} members", members.len());
+        members.into_iter().map(Some).collect()
+    };
+    let strands = if average_strands { 2 } else { 1 };
+    if let Some(bar) = progress {
+        bar.set_length((members.len() * strands * records.len()) as u64);
+    }
+    let mut mean = ProbabilityMean::new();
+    for (index, member) in members.iter().enumerate() {
+        let (loaded, tokenizer) = match member {
+            None => load_checkpoint(a, &a.model, a.adapter.as_deref(), device)?,
+            Some(Member::Adapter(dir)) => load_checkpoint(a, &a.model, Some(dir), device)?,
+            Some(Member::Model(dir)) => {
+                crate::ensemble::check_member_shape(&a.model, dir)?;
+                load_checkpoint(a, dir, None, device)?
+            }
+        };
+        let max_len = a.max_length;
+        let encoded = train::encode_strands(records, tokenizer.as_ref(), max_len, average_strands);
+        if index == 0 {
+            // Members of one base share its tokenizer: one warning says it for all.
+            train::warn_truncated(records, &encoded.truncated, max_len, "input");
+        }
+        let probs = train::predict_strands(
+            &loaded.model,
+            &encoded.forward,
+            encoded.reverse.as_deref(),
+            tokenizer.special_tokens().pad,
+            a.batch_size,
+            device,
+            progress,
+        )?;
+        let name = member.as_ref().map_or(a.model.as_path(), Member::dir);
+        mean.add(&probs, loaded.model.num_labels, name)?;
+    }
+    let classes = mean.classes();
+    Ok((mean.finish(), classes))
 }
 
 /// A loaded model with the tokenizer and batching its arguments ask for.
@@ -1003,31 +1088,20 @@ fn report_skipped(ds: &data::Dataset, path: &Path) {
 fn predict(cmd: PredictCmdArgs, device: Option<&str>) -> Result<()> {
     let a = &cmd.io;
     let device = chosen_device(device)?;
-    let (loaded, tokenizer) = load_for_inference(&a.model, &device)?;
+    check_inference_args(&a.model)?;
     let ds = data::read_records(&a.input, &read_opts(&a.model, LabelPolicy::Optional))?;
     report_skipped(&ds, &a.input);
-    let max_len = a.model.max_length;
-    let encoded = train::encode_strands(
+    let bar = indicatif::ProgressBar::new(0);
+    let (probs, classes) = score_records(
+        &a.model,
+        &cmd.ensemble.dirs,
         &ds.records,
-        tokenizer.as_ref(),
-        max_len,
         cmd.average_strands,
-    );
-    train::warn_truncated(&ds.records, &encoded.truncated, max_len, "input");
-    let (ids, reverse) = (encoded.forward, encoded.reverse);
-    let strands = if reverse.is_some() { 2 } else { 1 };
-    let bar = indicatif::ProgressBar::new((strands * ids.len()) as u64);
-    let probs = train::predict_strands(
-        &loaded.model,
-        &ids,
-        reverse.as_deref(),
-        tokenizer.special_tokens().pad,
-        a.model.batch_size,
         &device,
         Some(&bar),
     )?;
     bar.finish_and_clear();
-    train::write_predictions(&a.out, &ds.records, &probs, loaded.model.num_labels, false)?;
+    train::write_predictions(&a.out, &ds.records, &probs, classes, false)?;
     println!(
         "wrote {} predictions to {}",
         ds.records.len(),
@@ -1260,20 +1334,22 @@ fn check_class(class: usize, num_labels: usize) -> Result<()> {
 
 fn eval_cmd(a: EvalArgs, device: Option<&str>) -> Result<()> {
     let device = chosen_device(device)?;
-    let (loaded, tokenizer) = load_for_inference(&a.model, &device)?;
+    check_inference_args(&a.model)?;
     let ds = data::read_records(&a.data, &read_opts(&a.model, LabelPolicy::Required))?;
     report_skipped(&ds, &a.data);
-    let max_len = a.model.max_length;
-    let encoded =
-        train::encode_strands(&ds.records, tokenizer.as_ref(), max_len, a.average_strands);
-    train::warn_truncated(&ds.records, &encoded.truncated, max_len, "input");
-    let (ids, reverse) = (encoded.forward, encoded.reverse);
     let labels: Vec<usize> = ds
         .records
         .iter()
         .map(|r| r.label.context("record without a label"))
         .collect::<Result<_>>()?;
-    let classes = loaded.model.num_labels;
+    let (probs, classes) = score_records(
+        &a.model,
+        &a.ensemble.dirs,
+        &ds.records,
+        a.average_strands,
+        &device,
+        None,
+    )?;
     if let Some((r, l)) = ds.records.iter().zip(&labels).find(|(_, &l)| l >= classes) {
         bail!(
             "{}: record `{}` has label {l} but the model has {classes} classes (0..={})",
@@ -1282,15 +1358,7 @@ fn eval_cmd(a: EvalArgs, device: Option<&str>) -> Result<()> {
             classes - 1
         );
     }
-    let (metrics, probs) = train::evaluate(
-        &loaded.model,
-        &ids,
-        reverse.as_deref(),
-        &labels,
-        tokenizer.special_tokens().pad,
-        a.model.batch_size,
-        &device,
-    )?;
+    let metrics = train::scored_metrics(&labels, &probs, classes);
     let intervals = crate::eval::test_intervals(&labels, &probs, classes)?;
     if let Some(out) = &a.out {
         train::write_predictions(out, &ds.records, &probs, classes, true)?;

@@ -247,16 +247,21 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<(Metrics, Vec<f32>)> {
     let probs = predict_strands(model, sequences, reverse, pad_id, batch_size, device, None)?;
-    let c = model.num_labels;
-    let mut metrics = eval::compute_metrics(labels, &probs, c);
+    Ok((scored_metrics(labels, &probs, model.num_labels), probs))
+}
+
+/// Metrics of class probabilities (row-major N x `classes`) against `labels`, with their mean
+/// cross-entropy as `loss`.
+pub fn scored_metrics(labels: &[usize], probs: &[f32], classes: usize) -> Metrics {
+    let mut metrics = eval::compute_metrics(labels, probs, classes);
     let loss: f64 = labels
         .iter()
         .enumerate()
-        .map(|(i, &y)| -(probs[i * c + y].max(1e-12) as f64).ln())
+        .map(|(i, &y)| -(probs[i * classes + y].max(1e-12) as f64).ln())
         .sum::<f64>()
         / labels.len().max(1) as f64;
     metrics.loss = Some(loss);
-    Ok((metrics, probs))
+    metrics
 }
 
 /// A split's records, ids and labels; `reverse`: the ids of the reverse complements, when the
