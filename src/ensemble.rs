@@ -215,7 +215,10 @@ mod tests {
         let folds = tmp.path().join("cv");
         mkdir_with(&folds.join("fold-1/best"), "config.json");
         std::fs::create_dir_all(folds.join("fold-2")).unwrap();
-        let err = format!("{:#}", resolve_members(std::slice::from_ref(&folds)).unwrap_err());
+        let err = format!(
+            "{:#}",
+            resolve_members(std::slice::from_ref(&folds)).unwrap_err()
+        );
         assert!(err.contains("fold-2 has no best checkpoint"), "{err}");
         let empty = tmp.path().join("empty");
         std::fs::create_dir_all(&empty).unwrap();
