@@ -1179,6 +1179,80 @@ fn a_head_trained_on_mean_pooling_is_scored_with_it_without_being_told() {
 }
 
 #[test]
+fn a_qlora_run_is_scored_at_its_own_length_and_quantization_without_being_told() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = small_gue(tmp.path(), 48, &["train", "dev", "test"]);
+    let test = data.join("test.csv");
+    let run = tmp.path().join("run");
+    let mut args = vec!["train", "--model", s(&model), "--data", s(&data)];
+    args.extend([
+        "--out",
+        s(&run),
+        "--method",
+        "qlora-nf4",
+        "--pooling",
+        "mean",
+    ]);
+    // 12 tokens cut every 101-bp GUE sequence (about 25 BPE tokens).
+    args.extend(["--max-length", "12", "--average-strands"]);
+    args.extend(["--max-steps", "12", "--eval-every", "6"]);
+    args.extend(["--batch-size", "16", "--lr", "5e-2"]);
+    assert_ok(&dnatune(&args));
+    let best = run.join("best");
+    let trained = probabilities(&run.join("test_predictions.csv"), 2);
+
+    let predict = |extra: &[&str]| {
+        let out_file = tmp.path().join("preds.csv");
+        let mut args = vec!["predict", "--model", s(&model), "--adapter", s(&best)];
+        args.extend(["--input", s(&test), "--out", s(&out_file)]);
+        args.extend(extra);
+        let out = dnatune(&args);
+        assert_ok(&out);
+        (probabilities(&out_file, 2), stderr(&out))
+    };
+    let (probs, err) = predict(&["--average-strands"]);
+    let diff = max_abs_difference(&probs, &trained);
+    assert!(
+        diff < 1e-5,
+        "predict repeats the run's test probabilities: {diff}"
+    );
+    assert!(
+        err.contains("max length 12, nf4-quantized base") && !err.contains("note:"),
+        "{err}"
+    );
+    // One strand is what the user asked for, but the note says the run scored both.
+    let (_, err) = predict(&[]);
+    assert!(err.contains("add --average-strands"), "{err}");
+    // Explicit settings win, and they are what the record saves the user from.
+    let (probs, _) = predict(&["--average-strands", "--max-length", "128"]);
+    let diff = max_abs_difference(&probs, &trained);
+    assert!(
+        diff > 1e-3,
+        "the full length should change the probabilities: {diff}"
+    );
+    let (probs, _) = predict(&["--average-strands", "--precision", "f32"]);
+    let diff = max_abs_difference(&probs, &trained);
+    // A tiny model's head is not very sensitive to its base, but the change is still many
+    // times the files' rounding (5e-7).
+    assert!(
+        diff > 3e-5,
+        "the f32 base should change the probabilities: {diff}"
+    );
+
+    // Merged into the f32 base, the model keeps the length and drops the quantization.
+    let merged = tmp.path().join("merged");
+    let mut args = vec!["merge", "--model", s(&model), "--adapter", s(&best)];
+    args.extend(["--out", s(&merged)]);
+    assert_ok(&dnatune(&args));
+    let record: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(merged.join("dnatune.json")).unwrap()).unwrap();
+    assert_eq!(record["max_length"], 12, "{record}");
+    assert_eq!(record["quantize"], serde_json::Value::Null, "{record}");
+    assert_eq!(record["average_strands"], true, "{record}");
+}
+
+#[test]
 fn an_ensemble_scores_the_mean_of_its_members_probabilities() {
     let tmp = TempDir::new().unwrap();
     let model = tiny_model(tmp.path());

@@ -1,6 +1,7 @@
 //! The `dnatune` command line: parses, calls the library, prints. Errors end the program with a
 //! message naming what went wrong and exit status 1 (2 for usage errors, from clap).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -351,8 +352,10 @@ struct ModelArgs {
     adapter: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    #[arg(long, default_value_t = 128)]
-    max_length: usize,
+    /// Tokens per sequence, [CLS] and [SEP] included. dnatune's own checkpoints record the
+    /// length they were trained at (`dnatune.json`); others default to 128.
+    #[arg(long)]
+    max_length: Option<usize>,
     /// How the head summarises a sequence. dnatune's own models record the pooling they were
     /// trained with (`dnatune.json`) and are scored with it; others default to cls.
     #[arg(long, value_enum)]
@@ -366,13 +369,27 @@ struct ModelArgs {
     /// Read IUPAC ambiguity codes (R, Y, S, W, K, M, B, D, H, V) as N instead of failing.
     #[arg(long)]
     ambiguous_as_n: bool,
-    /// Run the base quantized (as QLoRA trained it) instead of in full precision.
+    /// Run the base quantized. A QLoRA adapter of dnatune's records its quantization and is
+    /// scored on it without being told.
     #[arg(long, value_enum)]
     quantize: Option<QuantKind>,
     /// bf16: hold the base's linear weights in bfloat16 (AVX-512 BF16 kernel where the CPU has
-    /// it, bf16 matmul on CUDA); heads and adapters stay f32.
-    #[arg(long, value_enum, default_value = "f32", conflicts_with = "quantize")]
-    precision: Precision,
+    /// it, bf16 matmul on CUDA); heads and adapters stay f32. Given explicitly, it overrides the
+    /// base precision or quantization a checkpoint records (f32 if none).
+    #[arg(long, value_enum, conflicts_with = "quantize")]
+    precision: Option<Precision>,
+}
+
+impl ModelArgs {
+    /// The settings given on the command line, the rest left to the checkpoint's record.
+    fn requested(&self) -> model::record::Requested {
+        model::record::Requested {
+            pooling: self.pooling,
+            max_length: self.max_length,
+            quantize: self.quantize,
+            precision: self.precision,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -944,33 +961,46 @@ fn train_cmd(a: TrainArgs, device: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// A model (plus optional adapter) ready for inference, and its tokenizer.
-fn load_for_inference(
-    a: &ModelArgs,
-    device: &candle_core::Device,
-) -> Result<(model::LoadedModel, Box<dyn Tokenizer>)> {
+/// A fine-tuned model ready for inference: weights, tokenizer, and the settings it is scored with.
+struct Checkpoint {
+    loaded: model::LoadedModel,
+    tokenizer: Box<dyn Tokenizer>,
+    settings: model::record::InferenceSettings,
+}
+
+/// The model of `a` (plus its adapter) ready for inference.
+fn load_for_inference(a: &ModelArgs, device: &candle_core::Device) -> Result<Checkpoint> {
     check_inference_args(a)?;
-    load_checkpoint(a, &a.model, a.adapter.as_deref(), device)
+    load_checkpoint(
+        a,
+        &a.model,
+        a.adapter.as_deref(),
+        device,
+        &mut HashSet::new(),
+    )
 }
 
 fn check_inference_args(a: &ModelArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    if a.max_length < 3 {
+    if a.max_length.is_some_and(|n| n < 3) {
         bail!("--max-length must be at least 3 ([CLS], one token, [SEP])");
     }
     Ok(())
 }
 
 /// [`load_for_inference`] of the model in `model_dir` with the adapter in `adapter_dir`, the
-/// other settings from `a`.
+/// settings given in `a` or else recorded with the checkpoint. Notes already in `shown` (from an
+/// earlier ensemble member) are not printed again.
 fn load_checkpoint(
     a: &ModelArgs,
     model_dir: &Path,
     adapter_dir: Option<&Path>,
     device: &candle_core::Device,
-) -> Result<(model::LoadedModel, Box<dyn Tokenizer>)> {
+    shown: &mut HashSet<String>,
+) -> Result<Checkpoint> {
+    let settings = model::record::inference_settings(model_dir, adapter_dir, a.requested())?;
     let (tensors, lora) = match adapter_dir {
         Some(dir) => {
             let ad = adapter::load_adapter(dir, device)?;
@@ -981,17 +1011,39 @@ fn load_checkpoint(
     let opts = LoadOptions {
         trainable: Trainable::Nothing,
         lora,
-        pooling: model::head::inference_pooling(model_dir, adapter_dir, a.pooling)?,
-        quantize: a.quantize,
-        precision: a.precision,
+        pooling: settings.pooling,
+        quantize: settings.quantize,
+        precision: settings.precision,
         ..LoadOptions::default()
     };
     let loaded = model::load_classifier(model_dir, tensors, &opts, device)?;
-    for note in &loaded.notes {
-        eprintln!("model: {note}");
+    let recorded = settings.describe_recorded();
+    for note in loaded.notes.iter().chain(&recorded) {
+        if shown.insert(note.clone()) {
+            eprintln!("model: {note}");
+        }
     }
     let tokenizer = tokenize::load_tokenizer(model_dir)?;
-    Ok((loaded, tokenizer))
+    Ok(Checkpoint {
+        loaded,
+        tokenizer,
+        settings,
+    })
+}
+
+/// Says on stderr when a checkpoint's run averaged both strands but this command scores one.
+fn note_single_strand(settings: &model::record::InferenceSettings, average_strands: bool) {
+    if settings.trained_on_both_strands() && !average_strands {
+        eprintln!(
+            "note: the run behind {} scored dev and test averaged over both strands; \
+             add --average-strands to score the same way",
+            settings
+                .record
+                .as_ref()
+                .map_or(Path::new(""), |(p, _)| p)
+                .display()
+        );
+    }
 }
 
 /// Class probabilities (row-major N x C) of `records` and the class count C: from the model of
@@ -1018,19 +1070,30 @@ fn score_records(
         bar.set_length((members.len() * strands * records.len()) as u64);
     }
     let mut mean = ProbabilityMean::new();
-    for (index, member) in members.iter().enumerate() {
-        let (loaded, tokenizer) = match member {
-            None => load_checkpoint(a, &a.model, a.adapter.as_deref(), device)?,
-            Some(Member::Adapter(dir)) => load_checkpoint(a, &a.model, Some(dir), device)?,
+    let mut shown = HashSet::new();
+    let mut warned_lengths = Vec::new();
+    for member in &members {
+        let checkpoint = match member {
+            None => load_checkpoint(a, &a.model, a.adapter.as_deref(), device, &mut shown)?,
+            Some(Member::Adapter(dir)) => {
+                load_checkpoint(a, &a.model, Some(dir), device, &mut shown)?
+            }
             Some(Member::Model(dir)) => {
                 crate::ensemble::check_member_shape(&a.model, dir)?;
-                load_checkpoint(a, dir, None, device)?
+                load_checkpoint(a, dir, None, device, &mut shown)?
             }
         };
-        let max_len = a.max_length;
+        let Checkpoint {
+            loaded,
+            tokenizer,
+            settings,
+        } = checkpoint;
+        note_single_strand(&settings, average_strands);
+        let max_len = settings.max_length;
         let encoded = train::encode_strands(records, tokenizer.as_ref(), max_len, average_strands);
-        if index == 0 {
-            // Members of one base share its tokenizer: one warning says it for all.
+        // Members of one base share its tokenizer: one warning per token limit says it for all.
+        if !warned_lengths.contains(&max_len) {
+            warned_lengths.push(max_len);
             train::warn_truncated(records, &encoded.truncated, max_len, "input");
         }
         let probs = train::predict_strands(
@@ -1049,17 +1112,16 @@ fn score_records(
     Ok((mean.finish(), classes))
 }
 
-/// A loaded model with the tokenizer and batching its arguments ask for.
+/// A checkpoint with the batching its arguments ask for.
 fn predictor<'a>(
-    loaded: &'a model::LoadedModel,
-    tokenizer: &'a dyn Tokenizer,
+    checkpoint: &'a Checkpoint,
     a: &ModelArgs,
     device: &'a candle_core::Device,
 ) -> train::Predictor<'a> {
     train::Predictor {
-        model: &loaded.model,
-        tokenizer,
-        max_len: a.max_length,
+        model: &checkpoint.loaded.model,
+        tokenizer: checkpoint.tokenizer.as_ref(),
+        max_len: checkpoint.settings.max_length,
         batch_size: a.batch_size,
         device,
     }
@@ -1116,11 +1178,11 @@ fn explain_cmd(a: ExplainArgs, device: Option<&str>) -> Result<()> {
     }
     let PredictArgs { model, input, out } = &a.io;
     let device = chosen_device(device)?;
-    let (loaded, tokenizer) = load_for_inference(model, &device)?;
+    let checkpoint = load_for_inference(model, &device)?;
     let ds = data::read_records(input, &read_opts(model, LabelPolicy::Optional))?;
     report_skipped(&ds, input);
     let explainer = crate::explain::Explainer {
-        predictor: predictor(&loaded, tokenizer.as_ref(), model, &device),
+        predictor: predictor(&checkpoint, model, &device),
         motif_width: a.motif_width,
     };
     let bar = indicatif::ProgressBar::new(ds.records.len() as u64);
@@ -1187,8 +1249,9 @@ fn scan_cmd(a: ScanArgs, device: Option<&str>) -> Result<()> {
         bail!("--threshold must be a probability, found {}", a.threshold);
     }
     let device = chosen_device(device)?;
-    let (loaded, tokenizer) = load_for_inference(&a.model, &device)?;
-    let num_labels = loaded.model.num_labels;
+    let checkpoint = load_for_inference(&a.model, &device)?;
+    note_single_strand(&checkpoint.settings, a.average_strands);
+    let num_labels = checkpoint.loaded.model.num_labels;
     check_class(a.class, num_labels)?;
     let opts = read_opts(&a.model, LabelPolicy::Optional);
     let regions: Vec<crate::scan::ScanRegion> = match (&a.input, &a.bed, &a.genome) {
@@ -1211,7 +1274,7 @@ fn scan_cmd(a: ScanArgs, device: Option<&str>) -> Result<()> {
         _ => bail!("give --input, or --bed with --genome"),
     };
     let scanner = crate::scan::Scanner {
-        predictor: predictor(&loaded, tokenizer.as_ref(), &a.model, &device),
+        predictor: predictor(&checkpoint, &a.model, &device),
         width: a.window,
         stride: a.stride,
         both_strands: a.average_strands,
@@ -1254,8 +1317,9 @@ fn variants_cmd(a: VariantsArgs, device: Option<&str>) -> Result<()> {
         bail!("--window must be at least 1");
     }
     let device = chosen_device(device)?;
-    let (loaded, tokenizer) = load_for_inference(&a.model, &device)?;
-    check_class(a.class, loaded.model.num_labels)?;
+    let checkpoint = load_for_inference(&a.model, &device)?;
+    note_single_strand(&checkpoint.settings, a.average_strands);
+    check_class(a.class, checkpoint.loaded.model.num_labels)?;
     let opts = read_opts(&a.model, LabelPolicy::Optional);
     let (variants, skipped) = data::read_variant_windows(&a.vcf, &a.genome, a.window, &opts)?;
     if skipped > 0 {
@@ -1264,7 +1328,7 @@ fn variants_cmd(a: VariantsArgs, device: Option<&str>) -> Result<()> {
             a.vcf.display()
         );
     }
-    let predictor = predictor(&loaded, tokenizer.as_ref(), &a.model, &device);
+    let predictor = predictor(&checkpoint, &a.model, &device);
     let strands = if a.average_strands { 2 } else { 1 };
     let bar = indicatif::ProgressBar::new((2 * strands * variants.len()) as u64);
     let effects = crate::variants::score_variants(

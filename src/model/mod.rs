@@ -6,11 +6,11 @@ pub mod checkpoint;
 pub mod config;
 pub mod dnabert2;
 pub mod esm;
-pub mod head;
 pub mod inspect;
 pub mod layers;
 pub mod mlm;
 pub mod params;
+pub mod record;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -64,8 +64,8 @@ pub fn merge_adapter(base_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Res
     let device = Device::Cpu;
     let ad = adapter::load_adapter(adapter_dir, &device)?;
     let scaling = ad.config.scaling();
-    let head = model::head::read_head_record(adapter_dir)?;
-    let pooling = head.map(|h| h.pooling).unwrap_or_default();
+    let record = model::record::read_record(adapter_dir)?;
+    let pooling = record.map(|r| r.pooling).unwrap_or_default();
     // Building the adapted model first checks ranks, shapes and target names with the loader's
     // messages, and gives the reference logits.
     let unmerged = model::load_classifier(
@@ -102,8 +102,14 @@ pub fn merge_adapter(base_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Res
         tokenizer.as_ref(),
         DType::F32,
     )?;
-    if let Some(record) = head {
-        model::head::write_head_record(out_dir, record)?;
+    if let Some(record) = record {
+        // The merged weights are plain f32: the adapter's base precision no longer applies.
+        let merged_record = model::record::CheckpointRecord {
+            quantize: None,
+            precision: crate::peft::bf16::Precision::F32,
+            ..record
+        };
+        model::record::write_record(out_dir, &merged_record)?;
     }
     Ok(MergeSummary {
         merged_modules,

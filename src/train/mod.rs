@@ -463,7 +463,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         println!("model: {note}");
     }
     let head_dir = cfg.adapter.as_deref().unwrap_or(&cfg.model);
-    if let Some(record) = model::head::read_head_record(head_dir)? {
+    if let Some(record) = model::record::read_record(head_dir)? {
         if record.pooling != cfg.pooling {
             eprintln!(
                 "warning: the head in {} was trained on {} pooling and now trains on {}",
@@ -800,10 +800,14 @@ impl BestSaver<'_> {
             }
             Some(lora) => adapter::save_adapter(&tmp, lora, params, &self.cfg.model)?,
         }
-        let record = model::head::HeadRecord {
+        let record = model::record::CheckpointRecord {
             pooling: self.cfg.pooling,
+            max_length: Some(self.cfg.max_length),
+            quantize: self.cfg.method.quantize(),
+            precision: self.cfg.precision,
+            average_strands: self.cfg.average_strands,
         };
-        model::head::write_head_record(&tmp, record)?;
+        model::record::write_record(&tmp, &record)?;
         state::replace_dir(&tmp, dir)
     }
 }
