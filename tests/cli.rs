@@ -2,6 +2,7 @@
 //! naming the file and the problem (never a panic), and the happy paths must write the documented
 //! files. Every test builds its own tiny model in a temporary directory, so they run in parallel.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -1175,6 +1176,90 @@ fn a_head_trained_on_mean_pooling_is_scored_with_it_without_being_told() {
     assert!(
         diff > 1e-3,
         "cls pooling should change the probabilities: {diff}"
+    );
+}
+
+#[test]
+fn train_reports_shared_kmers_and_the_similarity_split_keeps_copies_together() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    // 80 GUE sequences, then the reverse complements of the first 30 under ids copy-0 ...
+    let text = fs::read_to_string(repo_file("data/gue-tf0/train.csv")).unwrap();
+    let rows: Vec<(String, String)> = text
+        .lines()
+        .skip(1)
+        .take(80)
+        .map(|l| {
+            let (seq, label) = l.split_once(',').unwrap();
+            (seq.to_string(), label.to_string())
+        })
+        .collect();
+    let mut csv = String::from("id,sequence,label\n");
+    for (i, (seq, label)) in rows.iter().enumerate() {
+        csv.push_str(&format!("seq-{i},{seq},{label}\n"));
+    }
+    for (i, (seq, label)) in rows.iter().take(30).enumerate() {
+        csv.push_str(&format!(
+            "copy-{i},{},{label}\n",
+            dnatune::data::reverse_complement(seq)
+        ));
+    }
+    let data = write(tmp.path(), "with-copies.csv", &csv);
+    let train = |split: &str, run: &Path| {
+        let mut args = vec!["train", "--model", s(&model), "--data", s(&data)];
+        args.extend(["--out", s(run), "--split", split]);
+        args.extend(["--max-steps", "2", "--batch-size", "16"]);
+        let out = dnatune(&args);
+        assert_ok(&out);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let metrics: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
+        let split_of: HashMap<String, String> = read_csv(&run.join("split.csv"))
+            .into_iter()
+            .map(|r| (r[0].clone(), r[3].clone()))
+            .collect();
+        (stdout, metrics["overlap"].clone(), split_of)
+    };
+    // Copies split between training and dev or test (by the stratified default) are counted
+    // and the fix suggested.
+    let (stdout, overlap, split_of) = train("stratified", &tmp.path().join("stratified"));
+    let apart = |split_of: &HashMap<String, String>, held_out: &str| {
+        (0..30)
+            .filter(|i| {
+                let (a, b) = (
+                    &split_of[&format!("seq-{i}")],
+                    &split_of[&format!("copy-{i}")],
+                );
+                (a == held_out && b == "train") || (b == held_out && a == "train")
+            })
+            .count()
+    };
+    let (dev_apart, test_apart) = (apart(&split_of, "dev"), apart(&split_of, "test"));
+    assert!(dev_apart + test_apart > 0, "{split_of:?}");
+    // A held-out sequence may also share a 31-mer with an unrelated training one, so the
+    // counts are at least the copies split apart.
+    let dev_sharing = overlap["dev_sharing"].as_u64().unwrap() as usize;
+    let test_sharing = overlap["test_sharing"].as_u64().unwrap() as usize;
+    assert!(
+        dev_sharing >= dev_apart && test_sharing >= test_apart,
+        "{overlap}"
+    );
+    let line = format!(
+        "overlap: {dev_sharing} of {} dev and {test_sharing} of {} test sequences share a 31-mer",
+        overlap["dev"], overlap["test"]
+    );
+    assert!(stdout.contains(&line), "{stdout}");
+    assert!(stdout.contains("--split similarity keeps"), "{stdout}");
+
+    let (stdout, overlap, split_of) = train("similarity", &tmp.path().join("similarity"));
+    assert_eq!((apart(&split_of, "dev"), apart(&split_of, "test")), (0, 0));
+    assert_eq!(
+        (&overlap["dev_sharing"], &overlap["test_sharing"]),
+        (&0.into(), &0.into())
+    );
+    assert!(
+        stdout.contains("overlap: 0 of 11 dev and 0 of 11 test"),
+        "{stdout}"
     );
 }
 

@@ -335,6 +335,10 @@ struct TrainArgs {
     label_column: Option<String>,
     #[arg(long, value_enum)]
     split: Option<SplitKind>,
+    /// The k-mer length linking sequences for `--split similarity` and the overlap report
+    /// (default 31).
+    #[arg(long)]
+    split_kmer: Option<usize>,
     #[arg(long)]
     dev_fraction: Option<f64>,
     #[arg(long)]
@@ -924,6 +928,9 @@ fn train_cmd(a: TrainArgs, device: Option<&str>) -> Result<()> {
     }
     if let Some(s) = a.split {
         cfg.split.strategy = s;
+    }
+    if let Some(k) = a.split_kmer {
+        cfg.split.kmer = k;
     }
     if let Some(f) = a.dev_fraction {
         cfg.split.dev_fraction = f;

@@ -6,6 +6,7 @@
 
 mod bed;
 mod read;
+pub mod similarity;
 mod split;
 mod vcf;
 
@@ -215,6 +216,9 @@ pub enum SplitStrategy {
     /// Whole chromosomes are held out, so no split sees a neighbouring region of another
     /// (the usual leak in genomic benchmarks).
     Chromosome,
+    /// Records sharing a `kmer`-long stretch (either strand), directly or through others, stay
+    /// in one split, so no held-out sequence repeats a piece of a training one.
+    Similarity,
 }
 
 /// Parameters of [`split_records`].
@@ -228,6 +232,8 @@ pub struct SplitConfig {
     pub dev_chroms: Vec<String>,
     /// Chromosome strategy only: chromosomes held out for test (empty: chosen by seed).
     pub test_chroms: Vec<String>,
+    /// Similarity strategy only: the length of the shared stretch that links two records.
+    pub kmer: usize,
     /// Cross-validation: test is this fold of a seeded partition (by the strategy), and dev
     /// `dev_fraction` of the other records; `test_fraction` and the chromosome lists are unused.
     pub fold: Option<Fold>,
@@ -250,6 +256,7 @@ impl Default for SplitConfig {
             seed: 42,
             dev_chroms: Vec::new(),
             test_chroms: Vec::new(),
+            kmer: 31,
             fold: None,
         }
     }

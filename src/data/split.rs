@@ -9,8 +9,8 @@ use rand::SeedableRng;
 
 use super::read::read_records;
 use super::{
-    chrom_from_id, validate_sequence, DataError, Dataset, Fold, ReadOptions, Record, SplitConfig,
-    SplitSource, SplitStrategy, Splits,
+    chrom_from_id, similarity, validate_sequence, DataError, Dataset, Fold, ReadOptions, Record,
+    SplitConfig, SplitSource, SplitStrategy, Splits,
 };
 
 const TRAIN: u8 = 0;
@@ -92,6 +92,7 @@ fn held_out_by_strategy(
         }
         SplitStrategy::Stratified => stratified(records, cfg, rng),
         SplitStrategy::Chromosome => by_chromosome(records, cfg, rng),
+        SplitStrategy::Similarity => by_similarity(records, cfg, rng),
     }
 }
 
@@ -117,7 +118,7 @@ fn cross_validation(
             fold.count
         )));
     }
-    let folds = fold_of_each(records, cfg.strategy, fold.count, cfg.seed)?;
+    let folds = fold_of_each(records, cfg.strategy, fold.count, cfg.seed, cfg.kmer)?;
     let rest: Vec<usize> = (0..records.len())
         .filter(|&i| folds[i] != fold.index)
         .collect();
@@ -144,6 +145,7 @@ fn fold_of_each(
     strategy: SplitStrategy,
     count: usize,
     seed: u64,
+    kmer: usize,
 ) -> Result<Vec<usize>, DataError> {
     if count < 2 {
         return Err(config_error(format!(
@@ -182,23 +184,93 @@ fn fold_of_each(
                     sizes.len()
                 )));
             }
-            // Seeded order among chromosomes of equal size, then largest first.
-            let mut order: Vec<(&str, usize)> = sizes.into_iter().collect();
-            order.shuffle(&mut rng);
-            order.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
-            let mut load = vec![0usize; count];
-            let mut fold_of: BTreeMap<&str, usize> = BTreeMap::new();
-            for (chrom, n) in order {
-                let lightest = (0..count).min_by_key(|&f| load[f]).expect("count >= 2");
-                load[lightest] += n;
-                fold_of.insert(chrom, lightest);
-            }
+            let fold_of = deal_groups(sizes, count, &mut rng);
             for (f, r) in folds.iter_mut().zip(records) {
                 *f = fold_of[r.chrom.as_deref().expect("checked above")];
             }
         }
+        SplitStrategy::Similarity => {
+            let groups = similarity::similarity_groups(records, check_kmer(kmer)?);
+            let mut sizes: BTreeMap<usize, usize> = BTreeMap::new();
+            for &g in &groups {
+                *sizes.entry(g).or_default() += 1;
+            }
+            if sizes.len() < count {
+                return Err(config_error(format!(
+                    "the records form {} groups of shared {kmer}-mers, too few for {count} folds",
+                    sizes.len()
+                )));
+            }
+            let fold_of = deal_groups(sizes, count, &mut rng);
+            for (f, g) in folds.iter_mut().zip(&groups) {
+                *f = fold_of[g];
+            }
+        }
     }
     Ok(folds)
+}
+
+/// The fold of each group (of the given sizes) that must stay whole: in a seeded order among
+/// groups of equal size, largest first, each to the fold holding fewest records.
+fn deal_groups<K: Ord + Copy>(
+    sizes: BTreeMap<K, usize>,
+    count: usize,
+    rng: &mut StdRng,
+) -> BTreeMap<K, usize> {
+    let mut order: Vec<(K, usize)> = sizes.into_iter().collect();
+    order.shuffle(rng);
+    order.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+    let mut load = vec![0usize; count];
+    let mut fold_of = BTreeMap::new();
+    for (group, n) in order {
+        let lightest = (0..count).min_by_key(|&f| load[f]).expect("count >= 2");
+        load[lightest] += n;
+        fold_of.insert(group, lightest);
+    }
+    fold_of
+}
+
+/// `kmer` if it is a k-mer length the similarity strategy can use.
+fn check_kmer(kmer: usize) -> Result<usize, DataError> {
+    if !(8..=similarity::MAX_KMER).contains(&kmer) {
+        return Err(config_error(format!(
+            "the similarity split's k-mer length must be 8 to {}, got {kmer}",
+            similarity::MAX_KMER
+        )));
+    }
+    Ok(kmer)
+}
+
+/// Held-out groups of records sharing k-mers: groups in a seeded order go whole to test, then
+/// dev, while they fit the split's share of the records; the rest (the large families among them)
+/// train.
+fn by_similarity(
+    records: &[Record],
+    cfg: &SplitConfig,
+    rng: &mut StdRng,
+) -> Result<Vec<u8>, DataError> {
+    let groups = similarity::similarity_groups(records, check_kmer(cfg.kmer)?);
+    let mut members: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, &g) in groups.iter().enumerate() {
+        members.entry(g).or_default().push(i);
+    }
+    let mut order: Vec<Vec<usize>> = members.into_values().collect();
+    order.shuffle(rng);
+    let n = records.len() as f64;
+    let mut room = [
+        (TEST, (n * cfg.test_fraction).round() as usize),
+        (DEV, (n * cfg.dev_fraction).round() as usize),
+    ];
+    let mut assignment = vec![TRAIN; records.len()];
+    for group in order {
+        if let Some((split, left)) = room.iter_mut().find(|(_, left)| group.len() <= *left) {
+            *left -= group.len();
+            for i in group {
+                assignment[i] = *split;
+            }
+        }
+    }
+    Ok(assignment)
 }
 
 /// Shuffles `indices` and marks the first ones test, the next dev. With `at_least_one`, groups of
@@ -748,6 +820,116 @@ mod tests {
         assert_ne!(fold(1), fold(2));
     }
 
+    /// 200 random 60-bp sequences in families whose members share their first 40 bases (some
+    /// on the other strand): one family of 60, four each of 2 to 6, and 60 singletons.
+    fn families() -> Vec<Record> {
+        let mut state = 11u64;
+        let mut random_bases = |n: usize| -> String {
+            (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    b"ACGT"[(state >> 60) as usize % 4] as char
+                })
+                .collect()
+        };
+        let sizes: Vec<usize> = std::iter::once(60)
+            .chain((2..=6).cycle().take(20))
+            .chain(std::iter::repeat_n(1, 60))
+            .collect();
+        let mut records = Vec::new();
+        for (f, &size) in sizes.iter().enumerate() {
+            let shared = random_bases(40);
+            for m in 0..size {
+                let seq = format!("{shared}{}", random_bases(20));
+                let seq = if m % 2 == 1 {
+                    crate::data::reverse_complement(&seq)
+                } else {
+                    seq
+                };
+                records.push(Record {
+                    id: format!("f{f}m{m}"),
+                    seq,
+                    label: Some(f % 2),
+                    chrom: None,
+                });
+            }
+        }
+        records
+    }
+
+    /// The held-out records that repeat 31 bases of a training record on either strand, found by
+    /// plain substring search.
+    fn leaked<'a>(train: &[Record], held_out: &'a [Record]) -> Vec<&'a str> {
+        let train_text: String = train
+            .iter()
+            .map(|r| r.seq.as_str())
+            .collect::<Vec<_>>()
+            .join("|");
+        held_out
+            .iter()
+            .filter(|r| {
+                let rc = crate::data::reverse_complement(&r.seq);
+                (0..=r.seq.len() - 31).any(|i| {
+                    train_text.contains(&r.seq[i..i + 31]) || train_text.contains(&rc[i..i + 31])
+                })
+            })
+            .map(|r| r.id.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn similarity_split_keeps_families_in_one_split() {
+        let all = families();
+        assert_eq!(all.len(), 200);
+        let similarity = SplitConfig {
+            strategy: SplitStrategy::Similarity,
+            ..SplitConfig::default()
+        };
+        let s = split_records(all.clone(), &similarity).unwrap();
+        check_partition(&all, &s);
+        assert!(leaked(&s.train, &s.dev).is_empty() && leaked(&s.train, &s.test).is_empty());
+        assert!(leaked(&s.dev, &s.test).is_empty());
+        // The family larger than a held-out split trains; singletons fill dev and test.
+        assert!(s.train.iter().filter(|r| r.id.starts_with("f0m")).count() == 60);
+        assert_eq!((s.dev.len(), s.test.len()), (20, 20));
+        // The k-mer count agrees with the substring search.
+        let overlap = similarity::SplitOverlap::of(&s, 31).unwrap();
+        assert_eq!((overlap.dev_sharing, overlap.test_sharing), (0, 0));
+        // A random split of the same records leaks, and the count sees it.
+        let random = SplitConfig {
+            strategy: SplitStrategy::Random,
+            ..SplitConfig::default()
+        };
+        let r = split_records(all.clone(), &random).unwrap();
+        let leaks = leaked(&r.train, &r.test).len();
+        assert!(leaks > 5, "{leaks}");
+        assert_eq!(
+            similarity::SplitOverlap::of(&r, 31).unwrap().test_sharing,
+            leaks
+        );
+
+        // Folds keep families whole too.
+        for s in check_folds(&all, &similarity, 5) {
+            assert!(leaked(&s.train, &s.test).is_empty() && leaked(&s.dev, &s.test).is_empty());
+            assert!(leaked(&s.train, &s.dev).is_empty());
+        }
+        let too_many = SplitConfig {
+            fold: Some(Fold { index: 0, count: 5 }),
+            ..similarity.clone()
+        };
+        let one_family: Vec<Record> = all[..60].to_vec();
+        let e = split_records(one_family, &too_many).unwrap_err();
+        assert!(e.to_string().contains("1 groups of shared 31-mers"), "{e}");
+        let short = SplitConfig {
+            kmer: 40,
+            ..similarity
+        };
+        let e = split_records(all, &short).unwrap_err();
+        assert!(e.to_string().contains("8 to 32, got 40"), "{e}");
+    }
+
     #[test]
     fn chromosome_folds_keep_chromosomes_whole_and_balance_records() {
         // Chromosome i holds 4 (i + 1) records: 4 ... 40, 220 in all.
@@ -779,7 +961,7 @@ mod tests {
         let sizes: Vec<usize> = folds.iter().map(|s| s.test.len()).collect();
         let spread = sizes.iter().max().unwrap() - sizes.iter().min().unwrap();
         assert!(spread <= 4, "{sizes:?}");
-        let e = fold_of_each(&all, SplitStrategy::Chromosome, 11, 42).unwrap_err();
+        let e = fold_of_each(&all, SplitStrategy::Chromosome, 11, 42, 31).unwrap_err();
         assert!(
             e.message.contains("10 chromosomes cannot fill 11 folds"),
             "{e}"
@@ -788,7 +970,7 @@ mod tests {
 
     #[test]
     fn fold_settings_that_cannot_work_are_errors() {
-        let one = fold_of_each(&labelled(), SplitStrategy::Random, 1, 42).unwrap_err();
+        let one = fold_of_each(&labelled(), SplitStrategy::Random, 1, 42, 31).unwrap_err();
         assert!(one.message.contains("at least 2 folds"), "{one}");
         let listed = SplitConfig {
             strategy: SplitStrategy::Chromosome,

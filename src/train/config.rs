@@ -74,9 +74,14 @@ pub enum Scheduler {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SplitKind {
+    /// Seeded shuffle, then cut by the fractions.
     Random,
+    /// Seeded shuffle within each class: every split keeps the class proportions.
     Stratified,
+    /// Whole chromosomes held out (ids like chr3:100-200, or BED regions).
     Chromosome,
+    /// Sequences sharing a `kmer`-long stretch (either strand) kept in one split.
+    Similarity,
 }
 
 /// How the training loss weighs the classes (as `torch.nn.CrossEntropyLoss(weight=...)`: each
@@ -161,6 +166,9 @@ pub struct SplitSettings {
     pub test_fraction: f64,
     pub dev_chroms: Vec<String>,
     pub test_chroms: Vec<String>,
+    /// The similarity strategy's link: sequences sharing a k-mer this long (8 to 32) on either
+    /// strand. Training also reports how many dev and test sequences share one with training.
+    pub kmer: usize,
     /// k-fold cross-validation (0: off): one run per fold, each testing on its fold and picking
     /// its checkpoint on `dev_fraction` of the rest; `test_fraction` is then unused.
     pub folds: usize,
@@ -177,6 +185,7 @@ impl Default for SplitSettings {
             test_fraction: 0.1,
             dev_chroms: vec![],
             test_chroms: vec![],
+            kmer: 31,
             folds: 0,
             fold: 0,
         }
@@ -377,6 +386,15 @@ impl TrainConfig {
                 } else {
                     "a quantized one already"
                 }
+            );
+        }
+        let kmers = 8..=crate::data::similarity::MAX_KMER;
+        if !kmers.contains(&self.split.kmer) {
+            bail!(
+                "split.kmer (--split-kmer) must be {} to {}, got {}",
+                kmers.start(),
+                kmers.end(),
+                self.split.kmer
             );
         }
         let (folds, fold) = (self.split.folds, self.split.fold);

@@ -339,12 +339,14 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
             SplitKind::Random => data::SplitStrategy::Random,
             SplitKind::Stratified => data::SplitStrategy::Stratified,
             SplitKind::Chromosome => data::SplitStrategy::Chromosome,
+            SplitKind::Similarity => data::SplitStrategy::Similarity,
         },
         dev_fraction: cfg.split.dev_fraction,
         test_fraction: cfg.split.test_fraction,
         seed: cfg.seed,
         dev_chroms: cfg.split.dev_chroms.clone(),
         test_chroms: cfg.split.test_chroms.clone(),
+        kmer: cfg.split.kmer,
         fold: cfg.split.fold.checked_sub(1).map(|index| data::Fold {
             index,
             count: cfg.split.folds,
@@ -382,6 +384,29 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         let mut keep = idx[..n].to_vec();
         keep.sort_unstable();
         splits.train = keep.into_iter().map(|i| splits.train[i].clone()).collect();
+    }
+    let overlap = data::similarity::SplitOverlap::of(&splits, cfg.split.kmer);
+    match &overlap {
+        Some(o) => println!(
+            "overlap: {} of {} dev and {} of {} test sequences share a {}-mer (either strand) \
+             with a training sequence{}",
+            o.dev_sharing,
+            o.dev,
+            o.test_sharing,
+            o.test,
+            o.kmer,
+            if o.dev_sharing + o.test_sharing > 0
+                && matches!(source, data::SplitSource::SplitFromFile)
+            {
+                " (--split similarity keeps such sequences in one split)"
+            } else {
+                ""
+            }
+        ),
+        None => println!(
+            "overlap: not checked, the training set has over {} M bases",
+            data::similarity::MAX_OVERLAP_BASES / 1_000_000
+        ),
     }
     if cfg.reverse_complement {
         splits.train = data::with_reverse_complements(&splits.train);
@@ -742,7 +767,8 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
             "dev_best": dev_json,
             "test": test_metrics,
             "test_intervals": test_intervals,
-            "metric": cfg.metric
+            "metric": cfg.metric,
+            "overlap": overlap
         }),
     )?;
     print_summary(

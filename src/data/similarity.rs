@@ -1,0 +1,198 @@
+//! Sequences that share an exact k-mer on either strand: the leak a random split leaves between
+//! training and test when a dataset holds repeats, paralogues or overlapping peaks.
+//!
+//! A shared 31-mer between two 100-bp sequences is almost never chance (4^31 possible k-mers), so
+//! it is a cheap stand-in for an alignment-based homology check: it finds copies and near-copies
+//! with an identical stretch, not diverged homologues.
+
+use std::collections::{HashMap, HashSet};
+
+use super::Record;
+
+/// The longest k-mer that packs into a `u64` at two bits a base.
+pub const MAX_KMER: usize = 32;
+
+/// The canonical form (the smaller of the k-mer and its reverse complement, 2 bits a base, A < C <
+/// G < T so the order is the alphabetical one) of every k-mer of `seq` without an N.
+pub fn canonical_kmers(seq: &str, k: usize) -> impl Iterator<Item = u64> + '_ {
+    assert!(
+        (1..=MAX_KMER).contains(&k),
+        "k-mer length {k} outside 1..=32"
+    );
+    let mask = if k == MAX_KMER {
+        u64::MAX
+    } else {
+        (1u64 << (2 * k)) - 1
+    };
+    let shift = 2 * (k as u32 - 1);
+    let (mut forward, mut reverse, mut valid) = (0u64, 0u64, 0usize);
+    seq.bytes().filter_map(move |base| {
+        let code = match base {
+            b'A' => 0,
+            b'C' => 1,
+            b'G' => 2,
+            b'T' => 3,
+            _ => {
+                valid = 0;
+                return None;
+            }
+        };
+        forward = ((forward << 2) | code) & mask;
+        // The complement's code is 3 - code; it enters the reverse k-mer at the front.
+        reverse = (reverse >> 2) | ((3 - code) << shift);
+        valid += 1;
+        (valid >= k).then(|| forward.min(reverse))
+    })
+}
+
+/// Canonical k-mers of every record in `records`, for testing others against.
+pub fn kmer_set(records: &[Record], k: usize) -> HashSet<u64> {
+    records
+        .iter()
+        .flat_map(|r| canonical_kmers(&r.seq, k))
+        .collect()
+}
+
+/// How many of `records` share at least one k-mer (either strand) with `reference`'s set.
+pub fn count_sharing(records: &[Record], reference: &HashSet<u64>, k: usize) -> usize {
+    records
+        .iter()
+        .filter(|r| canonical_kmers(&r.seq, k).any(|km| reference.contains(&km)))
+        .count()
+}
+
+/// How many held-out sequences share a k-mer (either strand) with a training sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SplitOverlap {
+    pub kmer: usize,
+    pub dev: usize,
+    pub dev_sharing: usize,
+    pub test: usize,
+    pub test_sharing: usize,
+}
+
+/// The most training bases [`SplitOverlap::of`] indexes: a set of 20 M k-mers takes a few
+/// hundred MB, more than a report printed on the side should cost.
+pub const MAX_OVERLAP_BASES: usize = 20_000_000;
+
+impl SplitOverlap {
+    /// The overlap of `splits`, or `None` when the training set is over [`MAX_OVERLAP_BASES`].
+    pub fn of(splits: &super::Splits, k: usize) -> Option<Self> {
+        let bases: usize = splits.train.iter().map(|r| r.seq.len()).sum();
+        if bases > MAX_OVERLAP_BASES {
+            return None;
+        }
+        let train = kmer_set(&splits.train, k);
+        Some(SplitOverlap {
+            kmer: k,
+            dev: splits.dev.len(),
+            dev_sharing: count_sharing(&splits.dev, &train, k),
+            test: splits.test.len(),
+            test_sharing: count_sharing(&splits.test, &train, k),
+        })
+    }
+}
+
+/// The group of each record: records sharing a k-mer (either strand) are in one group, and so,
+/// transitively, are the records linked through them. Groups are numbered by their first record.
+pub fn similarity_groups(records: &[Record], k: usize) -> Vec<usize> {
+    let mut parent: Vec<usize> = (0..records.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut first_with: HashMap<u64, usize> = HashMap::new();
+    for (i, record) in records.iter().enumerate() {
+        for km in canonical_kmers(&record.seq, k) {
+            let j = *first_with.entry(km).or_insert(i);
+            let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+            // The smaller index is the root, so a group is named by its first record.
+            parent[a.max(b)] = a.min(b);
+        }
+    }
+    (0..records.len()).map(|i| root(&mut parent, i)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::reverse_complement;
+
+    fn rec(seq: &str) -> Record {
+        Record {
+            id: seq.to_string(),
+            seq: seq.to_string(),
+            label: Some(0),
+            chrom: None,
+        }
+    }
+
+    fn decode(mut code: u64, k: usize) -> String {
+        let mut bases = vec![b'A'; k];
+        for slot in bases.iter_mut().rev() {
+            *slot = b"ACGT"[(code & 3) as usize];
+            code >>= 2;
+        }
+        String::from_utf8(bases).unwrap()
+    }
+
+    /// The canonical k-mers by strings: every window without N, the alphabetically smaller of it
+    /// and its reverse complement.
+    fn naive(seq: &str, k: usize) -> Vec<String> {
+        (0..=seq.len().saturating_sub(k))
+            .filter(|&i| i + k <= seq.len())
+            .map(|i| &seq[i..i + k])
+            .filter(|w| !w.contains('N'))
+            .map(|w| w.to_string().min(reverse_complement(w)))
+            .collect()
+    }
+
+    #[test]
+    fn canonical_kmers_match_a_string_recomputation() {
+        let mut state = 7u64;
+        for len in [1usize, 5, 31, 32, 33, 90] {
+            let seq: String = (0..len)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    b"ACGTACGTACGTN"[(state >> 33) as usize % 13] as char
+                })
+                .collect();
+            for k in [1, 4, 11, 31, 32] {
+                let got: Vec<String> = canonical_kmers(&seq, k).map(|c| decode(c, k)).collect();
+                assert_eq!(got, naive(&seq, k), "{seq} k {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sequence_and_its_reverse_complement_share_every_kmer() {
+        let seq = "ACGGTTCAGGATTACCAGTNNACGGATTTACGCA";
+        let mut a: Vec<u64> = canonical_kmers(seq, 8).collect();
+        let mut b: Vec<u64> = canonical_kmers(&reverse_complement(seq), 8).collect();
+        a.sort_unstable();
+        b.sort_unstable();
+        assert!(!a.is_empty());
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn groups_link_shared_kmers_transitively_and_across_strands() {
+        let x = "ACGTTGCAAGGCTTAC";
+        let y = "TTGGCCAATGCATGCA";
+        let records = [
+            rec(&format!("{x}GGGG")),                        // 0
+            rec(&format!("CCCC{y}")),                        // 1: alone
+            rec(&format!("{}AT{y}", reverse_complement(x))), // 2: x on the other strand, and y
+            rec("ACACACACACACACACAC"),                       // 3: alone
+            rec(&format!("N{}", &y[..12])),                  // 4: 12 bases of y only, below k
+        ];
+        let groups = similarity_groups(&records, 14);
+        // 0 and 2 share x; 2 and 1 share y: one group named by record 0.
+        assert_eq!(groups, [0, 0, 0, 3, 4]);
+        let train = kmer_set(&records[..1], 14);
+        assert_eq!(count_sharing(&records[1..], &train, 14), 1);
+    }
+}
