@@ -14,7 +14,7 @@ both strands: reverse complements added to training, dev and test scored on both
 
 `--folds 5` measures the same configurations by k-fold cross-validation instead of GUE's fixed
 split: each task's train, dev and test sequences are pooled into one file and `dnatune train
---folds K --split stratified` tests every sequence once (first seed only); the table shows the
+--folds K --split stratified` (or `--split similarity`) tests every sequence once (first seed only); the table shows the
 fold mean +- sd, the pooled MCC and AUROC, and, with `--fixed-results RESULTS.md`, the same
 configuration's seed mean on the fixed split next to them (`--out RESULTS-cv.md`).
 
@@ -93,6 +93,12 @@ def with_fewer_positives(gue: Path, task: str, fraction: float, out: Path) -> Pa
     return target
 
 
+SPLITS = {
+    "stratified": "stratified folds",
+    "similarity": "folds that keep sequences sharing a 31-mer (either strand) together",
+}
+
+
 def pooled_task(gue: Path, task: str, out: Path) -> Path:
     """One CSV with the task's train, dev and test rows in that order, under one header."""
     target = out / task / "all.csv"
@@ -141,14 +147,60 @@ def mcc_by_origin(gue: Path, task: str, predictions: Path, resamples: int = 1000
         index = int(fields[1].rsplit(":", 1)[1]) - 2  # the id's line number in all.csv, after its header
         origin = "train" if index < sizes[0] else "dev" if index < sizes[0] + sizes[1] else "test"
         by_origin[origin].append((int(fields[3]), int(fields[4])))
+    return {origin: mcc_with_sd(pairs, resamples) for origin, pairs in by_origin.items()}
+
+
+def mcc_with_sd(pairs: list[tuple[int, int]], resamples: int = 1000) -> tuple[int, float, float]:
+    """(n, MCC, bootstrap sd) of (label, call) pairs, the resampling seeded."""
     rng = random.Random(0)
-    result = {}
-    for origin, pairs in by_origin.items():
-        draws = [multiclass_mcc(rng.choices(pairs, k=len(pairs))) for _ in range(resamples)]
-        mean = sum(draws) / resamples
-        sd = (sum((d - mean) ** 2 for d in draws) / (resamples - 1)) ** 0.5
-        result[origin] = (len(pairs), multiclass_mcc(pairs), sd)
-    return result
+    draws = [multiclass_mcc(rng.choices(pairs, k=len(pairs))) for _ in range(resamples)]
+    mean = sum(draws) / resamples
+    sd = (sum((d - mean) ** 2 for d in draws) / (resamples - 1)) ** 0.5
+    return len(pairs), multiclass_mcc(pairs), sd
+
+
+COMPLEMENT = str.maketrans("ACGT", "TGCA")
+
+
+def canonical_kmers(seq: str, k: int = 31) -> set[str]:
+    """Every k-mer without N of `seq`, as the alphabetically smaller of it and its reverse complement."""
+    rc = seq.translate(COMPLEMENT)[::-1]
+    n = len(seq)
+    return {min(seq[i:i + k], rc[n - i - k:n - i]) for i in range(n - k + 1) if "N" not in seq[i:i + k]}
+
+
+def rows_by_overlap(run: Path, k: int = 31) -> dict[str, list[tuple[int, int]]]:
+    """The (label, call) pairs of a cross-validation's held-out rows that share a k-mer (either
+    strand) with their fold's training set, and of the others: how do copies across the split score?"""
+    by_fold: dict[str, list[list[str]]] = {}
+    for row in (run / "cv_predictions.csv").read_text().splitlines()[1:]:
+        fields = row.split(",")
+        by_fold.setdefault(fields[0], []).append(fields)
+    groups: dict[str, list[tuple[int, int]]] = {"shared": [], "not shared": []}
+    for fold, rows in by_fold.items():
+        train: set[str] = set()
+        for line in (run / f"fold-{fold}" / "split.csv").read_text().splitlines()[1:]:
+            _, seq, _, split = line.split(",")
+            if split == "train":
+                train |= canonical_kmers(seq, k)
+        sequences = {}
+        for line in (run / f"fold-{fold}" / "split.csv").read_text().splitlines()[1:]:
+            ident, seq, _, split = line.split(",")
+            if split == "test":
+                sequences[ident] = seq
+        for fields in rows:
+            shared = not canonical_kmers(sequences[fields[1]], k).isdisjoint(train)
+            groups["shared" if shared else "not shared"].append((int(fields[3]), int(fields[4])))
+    return groups
+
+
+def overlap_cell(pairs: list[tuple[int, int]]) -> str:
+    """MCC, size, class balance and accuracy of a group of rows: MCC alone misleads when a group's
+    classes are far from the whole set's balance."""
+    n, mcc, sd = mcc_with_sd(pairs)
+    positive = sum(1 for label, _ in pairs if label == 1) / max(n, 1)
+    accuracy = sum(1 for label, call in pairs if label == call) / max(n, 1)
+    return f"{100 * mcc:.2f} +- {100 * sd:.2f} (n {n}, {100 * positive:.1f} % positive, accuracy {100 * accuracy:.1f})"
 
 
 def mcc_cell(stat: dict) -> str:
@@ -162,17 +214,20 @@ def cross_validation_table(args, configs: dict, tasks: list[str], eval_every: in
     lines = [
         f"# Results: GUE transcription-factor tasks, {args.folds}-fold cross-validation",
         "",
-        f"Each task's train, dev and test sequences pooled into one file and split into {args.folds} stratified "
-        f"folds (seed {seed}); each fold is the test set of one run trained on the other folds, with 10 % of "
+        f"Each task's train, dev and test sequences pooled into one file and split into {args.folds} {SPLITS[args.split]} "
+        f"(seed {seed}); each fold is the test set of one run trained on the other folds, with 10 % of "
         f"them held out as dev to pick the checkpoint. Every sequence is tested once, by the model that did not "
         f"see it. Test MCC x 100: mean +- sd over folds, and pooled (all held-out predictions together, "
         f"`cv_predictions.csv`). Budget {args.max_steps} optimiser steps of batch 32, dev evaluation every "
         f"{eval_every} steps, the other settings as RESULTS.md. {args.jobs} training process(es) of "
-        f"{args.threads} CPU thread(s) at a time. Made by `tools/make_results.py --folds {args.folds}` ({provenance}).",
+        f"{args.threads} CPU thread(s) at a time. Made by `tools/make_results.py --folds {args.folds} --split {args.split}` ({provenance}).",
         "",
-        "The last three columns split the pooled predictions by the GUE file each sequence came from, "
+        "Three columns split the pooled predictions by the GUE file each sequence came from, "
         "+- a bootstrap sd (1,000 resamples of those rows): whether GUE's fixed test set is as hard as the "
-        "rest of the task for models that did not train on it.",
+        "rest of the task for models that did not train on it. The last two split them by whether the "
+        "sequence shares a 31-mer (either strand) with its fold's training sequences (copies and repeats "
+        "across the split), with each group's share of positives and accuracy, since a group's MCC "
+        "depends on its class balance.",
         "",
     ]
     header = "| task | sequences | configuration | "
@@ -180,7 +235,7 @@ def cross_validation_table(args, configs: dict, tasks: list[str], eval_every: in
         header += f"GUE fixed split ({args.fixed_results.name}) | "
     header += (
         f"{args.folds}-fold CV, mean +- sd | pooled MCC | pooled AUROC | pooled MCC on GUE's train rows | "
-        "on dev rows | on test rows |"
+        "on dev rows | on test rows | on rows sharing a 31-mer with training | on the others |"
     )
     lines += [header, "|" + " --- |" * (header.count("|") - 1)]
     for task in tasks:
@@ -192,8 +247,10 @@ def cross_validation_table(args, configs: dict, tasks: list[str], eval_every: in
             if args.fixed_results:
                 cells.append(fixed_split_cell(args.fixed_results, task, key))
             cells += [mcc_cell(cv), f"{100 * pooled['mcc']:.2f}", f"{pooled['auroc']:.3f}"]
-            origins = mcc_by_origin(args.gue, task, args.runs / task.replace("/", "-") / key / "cv_predictions.csv")
+            run = args.runs / task.replace("/", "-") / key
+            origins = mcc_by_origin(args.gue, task, run / "cv_predictions.csv")
             cells += [f"{100 * mcc:.2f} +- {100 * sd:.2f} (n {n})" for n, mcc, sd in origins.values()]
+            cells += [overlap_cell(pairs) for pairs in rows_by_overlap(run).values()]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -231,6 +288,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "RESULTS.md")
     p.add_argument("--train-positives", type=float, default=1.0, help="fraction of training positives kept")
     p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation of the pooled task instead")
+    p.add_argument("--split", choices=sorted(SPLITS), default="stratified", help="how --folds partitions a task")
     p.add_argument("--fixed-results", type=Path, help="a fixed-split RESULTS.md whose figures are shown beside the folds")
     args = p.parse_args()
     if args.folds and args.train_positives < 1.0:
@@ -255,7 +313,7 @@ def main() -> int:
             data = with_fewer_positives(args.gue, task, args.train_positives, args.runs / "data")
         if args.folds:
             data = pooled_task(args.gue, task, args.runs / "data")
-            repeat = ["--folds", str(args.folds), "--split", "stratified", "--seed", args.seeds.split(",")[0]]
+            repeat = ["--folds", str(args.folds), "--split", args.split, "--seed", args.seeds.split(",")[0]]
             done = "folds_summary.json"
         else:
             repeat = ["--seeds", args.seeds]
