@@ -197,10 +197,13 @@ def rows_by_overlap(run: Path, k: int = 31) -> dict[str, list[tuple[int, int]]]:
 def overlap_cell(pairs: list[tuple[int, int]]) -> str:
     """MCC, size, class balance and accuracy of a group of rows: MCC alone misleads when a group's
     classes are far from the whole set's balance."""
+    if not pairs:
+        return "none"
     n, mcc, sd = mcc_with_sd(pairs)
     positive = sum(1 for label, _ in pairs if label == 1) / max(n, 1)
     accuracy = sum(1 for label, call in pairs if label == call) / max(n, 1)
-    return f"{100 * mcc:.2f} +- {100 * sd:.2f} (n {n}, {100 * positive:.1f} % positive, accuracy {100 * accuracy:.1f})"
+    score = f"{100 * mcc:.2f} +- {100 * sd:.2f}" if 0 < positive < 1 else "one class, no MCC"
+    return f"{score} (n {n}, {100 * positive:.1f} % positive, accuracy {100 * accuracy:.1f})"
 
 
 def mcc_cell(stat: dict) -> str:
