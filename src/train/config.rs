@@ -80,7 +80,7 @@ pub enum SplitKind {
     Stratified,
     /// Whole chromosomes held out (ids like chr3:100-200, or BED regions).
     Chromosome,
-    /// Sequences sharing a `kmer`-long stretch (either strand) kept in one split.
+    /// Sequences sharing a k-mer (31 unless --split-kmer) on either strand kept in one split.
     Similarity,
 }
 
