@@ -162,11 +162,18 @@ def mcc_with_sd(pairs: list[tuple[int, int]], resamples: int = 1000) -> tuple[in
 COMPLEMENT = str.maketrans("ACGT", "TGCA")
 
 
+def is_tandem_repeat(kmer: str) -> bool:
+    """A k-mer that repeats itself with a period of 1 to 6 bases: it links nothing, as in dnatune."""
+    return any(kmer[p:] == kmer[:-p] for p in range(1, min(6, len(kmer) - 1) + 1))
+
+
 def canonical_kmers(seq: str, k: int = 31) -> set[str]:
-    """Every k-mer without N of `seq`, as the alphabetically smaller of it and its reverse complement."""
+    """The k-mers of `seq` that dnatune's similarity split links by: without N and not a tandem
+    repeat, each as the alphabetically smaller of it and its reverse complement."""
     rc = seq.translate(COMPLEMENT)[::-1]
     n = len(seq)
-    return {min(seq[i:i + k], rc[n - i - k:n - i]) for i in range(n - k + 1) if "N" not in seq[i:i + k]}
+    windows = (min(seq[i:i + k], rc[n - i - k:n - i]) for i in range(n - k + 1))
+    return {w for w in windows if "N" not in w and not is_tandem_repeat(w)}
 
 
 def rows_by_overlap(run: Path, k: int = 31) -> dict[str, list[tuple[int, int]]]:

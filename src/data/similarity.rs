@@ -3,7 +3,10 @@
 //!
 //! A shared 31-mer between two 100-bp sequences is almost never chance (4^31 possible k-mers), so
 //! it is a cheap stand-in for an alignment-based homology check: it finds copies and near-copies
-//! with an identical stretch, not diverged homologues.
+//! with an identical stretch, not diverged homologues. Tandem repeats are the exception: every
+//! (GA)n or (CA)n microsatellite holds the same k-mers, so k-mers with a period of 1 to 6 bases
+//! link nothing (as BLAST's DUST filter masks low-complexity sequence). Otherwise a factor that
+//! binds GA repeats would see all its GA-rich peaks in one group.
 
 use std::collections::{HashMap, HashSet};
 
@@ -45,19 +48,37 @@ pub fn canonical_kmers(seq: &str, k: usize) -> impl Iterator<Item = u64> + '_ {
     })
 }
 
-/// Canonical k-mers of every record in `records`, for testing others against.
+/// The longest repeat unit of a tandem repeat whose k-mers link nothing (hexanucleotide).
+pub const MAX_TANDEM_PERIOD: usize = 6;
+
+/// Whether the k-mer `code` repeats itself with a period of 1 to [`MAX_TANDEM_PERIOD`] bases (its
+/// first k - p bases equal its last k - p).
+pub fn is_tandem_repeat(code: u64, k: usize) -> bool {
+    (1..=MAX_TANDEM_PERIOD.min(k - 1)).any(|p| {
+        let rest = 2 * (k - p);
+        code >> (2 * p) == code & ((1u64 << rest) - 1)
+    })
+}
+
+/// The k-mers of `seq` that can link it to another sequence: canonical, without N, and not a
+/// tandem repeat.
+pub fn linking_kmers(seq: &str, k: usize) -> impl Iterator<Item = u64> + '_ {
+    canonical_kmers(seq, k).filter(move |&code| !is_tandem_repeat(code, k))
+}
+
+/// The linking k-mers of every record in `records`, for testing others against.
 pub fn kmer_set(records: &[Record], k: usize) -> HashSet<u64> {
     records
         .iter()
-        .flat_map(|r| canonical_kmers(&r.seq, k))
+        .flat_map(|r| linking_kmers(&r.seq, k))
         .collect()
 }
 
-/// How many of `records` share at least one k-mer (either strand) with `reference`'s set.
+/// How many of `records` share at least one linking k-mer (either strand) with `reference`'s set.
 pub fn count_sharing(records: &[Record], reference: &HashSet<u64>, k: usize) -> usize {
     records
         .iter()
-        .filter(|r| canonical_kmers(&r.seq, k).any(|km| reference.contains(&km)))
+        .filter(|r| linking_kmers(&r.seq, k).any(|km| reference.contains(&km)))
         .count()
 }
 
@@ -93,7 +114,7 @@ impl SplitOverlap {
     }
 }
 
-/// The group of each record: records sharing a k-mer (either strand) are in one group, and so,
+/// The group of each record: records sharing a linking k-mer (either strand) are in one group, and so,
 /// transitively, are the records linked through them. Groups are numbered by their first record.
 pub fn similarity_groups(records: &[Record], k: usize) -> Vec<usize> {
     let mut parent: Vec<usize> = (0..records.len()).collect();
@@ -106,7 +127,7 @@ pub fn similarity_groups(records: &[Record], k: usize) -> Vec<usize> {
     }
     let mut first_with: HashMap<u64, usize> = HashMap::new();
     for (i, record) in records.iter().enumerate() {
-        for km in canonical_kmers(&record.seq, k) {
+        for km in linking_kmers(&record.seq, k) {
             let j = *first_with.entry(km).or_insert(i);
             let (a, b) = (root(&mut parent, i), root(&mut parent, j));
             // The smaller index is the root, so a group is named by its first record.
@@ -165,6 +186,42 @@ mod tests {
                 assert_eq!(got, naive(&seq, k), "{seq} k {k}");
             }
         }
+    }
+
+    #[test]
+    fn tandem_repeats_are_recognised_as_a_string_check_does() {
+        let periodic = |w: &str| {
+            (1..=MAX_TANDEM_PERIOD.min(w.len() - 1))
+                .any(|p| w.as_bytes()[p..] == w.as_bytes()[..w.len() - p])
+        };
+        let cases = [
+            "AAAAAAAAAAAA",
+            "GAGAGAGAGAGA",
+            "CAGCAGCAGCAG",
+            "ACGTTAACGTTA",
+            "ACGTTGACGTTA",
+            "ACGTACGTACGA",
+            "GATTACAGATTA",
+            "TTAGGGTTAGGG",
+            "TCTCTCTCTCTT",
+        ];
+        for w in cases {
+            let code = canonical_kmers(w, w.len()).next().unwrap();
+            let canonical = decode(code, w.len());
+            assert_eq!(is_tandem_repeat(code, w.len()), periodic(&canonical), "{w}");
+        }
+        // 7-base periods link: only microsatellites up to hexanucleotides are left out.
+        let heptamer = canonical_kmers("GATTACAGATTACA", 14).next().unwrap();
+        assert!(!is_tandem_repeat(heptamer, 14));
+        let records = [
+            rec(&format!("ACCTGAATCG{}TTGCA", "GA".repeat(20))),
+            rec(&format!("TTGGCATCAA{}GGCAT", "GA".repeat(20))),
+        ];
+        assert_eq!(similarity_groups(&records, 31), [0, 1]);
+        assert_eq!(
+            count_sharing(&records[1..], &kmer_set(&records[..1], 31), 31),
+            0
+        );
     }
 
     #[test]
