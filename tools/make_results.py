@@ -162,18 +162,30 @@ def mcc_with_sd(pairs: list[tuple[int, int]], resamples: int = 1000) -> tuple[in
 COMPLEMENT = str.maketrans("ACGT", "TGCA")
 
 
-def is_tandem_repeat(kmer: str) -> bool:
-    """A k-mer that repeats itself with a period of 1 to 6 bases: it links nothing, as in dnatune."""
-    return any(kmer[p:] == kmer[:-p] for p in range(1, min(6, len(kmer) - 1) + 1))
+def mask_tandem_repeats(seq: str) -> str:
+    """`seq` with N over every stretch of at least 12 bases and 3 units that repeats itself with a
+    period of 1 to 6, as dnatune masks microsatellites before linking sequences."""
+    masked = list(seq)
+    n = len(seq)
+    for period in range(1, 7):
+        start = 0
+        for j in range(n - period + 1):
+            repeats = j + period < n and seq[j] == seq[j + period] and seq[j] != "N"
+            if not repeats:
+                if j > start and j + period - start >= max(12, 3 * period):
+                    masked[start:j + period] = "N" * (j + period - start)
+                start = j + 1
+    return "".join(masked)
 
 
 def canonical_kmers(seq: str, k: int = 31) -> set[str]:
-    """The k-mers of `seq` that dnatune's similarity split links by: without N and not a tandem
-    repeat, each as the alphabetically smaller of it and its reverse complement."""
+    """The k-mers of `seq` that dnatune's similarity split links by: without N once tandem repeats
+    are masked, each as the alphabetically smaller of it and its reverse complement."""
+    seq = mask_tandem_repeats(seq)
     rc = seq.translate(COMPLEMENT)[::-1]
     n = len(seq)
     windows = (min(seq[i:i + k], rc[n - i - k:n - i]) for i in range(n - k + 1))
-    return {w for w in windows if "N" not in w and not is_tandem_repeat(w)}
+    return {w for w in windows if "N" not in w}
 
 
 def rows_by_overlap(run: Path, k: int = 31) -> dict[str, list[tuple[int, int]]]:
