@@ -13,6 +13,8 @@ use std::collections::{HashMap, HashSet};
 
 use super::Record;
 
+/// The shortest k-mer the similarity split links by: shorter ones recur by chance.
+pub const MIN_KMER: usize = 8;
 /// The longest k-mer that packs into a `u64` at two bits a base.
 pub const MAX_KMER: usize = 32;
 

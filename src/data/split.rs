@@ -232,9 +232,10 @@ fn deal_groups<K: Ord + Copy>(
 
 /// `kmer` if it is a k-mer length the similarity strategy can use.
 fn check_kmer(kmer: usize) -> Result<usize, DataError> {
-    if !(8..=similarity::MAX_KMER).contains(&kmer) {
+    if !(similarity::MIN_KMER..=similarity::MAX_KMER).contains(&kmer) {
         return Err(config_error(format!(
-            "the similarity split's k-mer length must be 8 to {}, got {kmer}",
+            "the similarity split's k-mer length must be {} to {}, got {kmer}",
+            similarity::MIN_KMER,
             similarity::MAX_KMER
         )));
     }

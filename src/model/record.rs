@@ -40,19 +40,6 @@ pub struct CheckpointRecord {
     pub average_strands: bool,
 }
 
-impl CheckpointRecord {
-    /// A record of the head's pooling alone, the base in f32 and the other settings unrecorded.
-    pub fn pooling_only(pooling: Pooling) -> Self {
-        Self {
-            pooling,
-            max_length: None,
-            quantize: None,
-            precision: Precision::F32,
-            average_strands: false,
-        }
-    }
-}
-
 /// Writes `record` into `dir` (atomically).
 pub fn write_record(dir: &Path, record: &CheckpointRecord) -> Result<()> {
     crate::fsutil::write_json_atomic(&dir.join(RECORD_FILE), record)
@@ -171,6 +158,17 @@ pub fn inference_settings(
 mod tests {
     use super::*;
 
+    /// A record of the head's pooling alone, as dnatune wrote before the record grew.
+    fn pooling_only(pooling: Pooling) -> CheckpointRecord {
+        CheckpointRecord {
+            pooling,
+            max_length: None,
+            quantize: None,
+            precision: Precision::F32,
+            average_strands: false,
+        }
+    }
+
     fn asked_pooling(pooling: Option<Pooling>) -> Requested {
         Requested {
             pooling,
@@ -188,7 +186,7 @@ mod tests {
         // Nothing recorded: the request, else [CLS].
         assert_eq!(pooling(None, None).unwrap(), Pooling::Cls);
         assert_eq!(pooling(None, Some(Pooling::Mean)).unwrap(), Pooling::Mean);
-        let record = CheckpointRecord::pooling_only(Pooling::Mean);
+        let record = pooling_only(Pooling::Mean);
         write_record(adapter.path(), &record).unwrap();
         assert_eq!(read_record(adapter.path()).unwrap(), Some(record));
         // The adapter's record wins over a model without one, and may be repeated.
@@ -203,7 +201,7 @@ mod tests {
             "{err}"
         );
         // The model directory's own record is read when no adapter is given.
-        write_record(model.path(), &CheckpointRecord::pooling_only(Pooling::Cls)).unwrap();
+        write_record(model.path(), &pooling_only(Pooling::Cls)).unwrap();
         assert_eq!(pooling(None, None).unwrap(), Pooling::Cls);
     }
 
@@ -261,7 +259,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(RECORD_FILE), "{\"pooling\": \"mean\"}").unwrap();
         let record = read_record(dir.path()).unwrap().unwrap();
-        assert_eq!(record, CheckpointRecord::pooling_only(Pooling::Mean));
+        assert_eq!(record, pooling_only(Pooling::Mean));
         let settings = inference_settings(dir.path(), None, Requested::default()).unwrap();
         assert_eq!(settings.max_length, DEFAULT_MAX_LENGTH);
         assert!(!settings.trained_on_both_strands());

@@ -388,7 +388,8 @@ impl TrainConfig {
                 }
             );
         }
-        let kmers = 8..=crate::data::similarity::MAX_KMER;
+        use crate::data::similarity::{MAX_KMER, MIN_KMER};
+        let kmers = MIN_KMER..=MAX_KMER;
         if !kmers.contains(&self.split.kmer) {
             bail!(
                 "split.kmer (--split-kmer) must be {} to {}, got {}",
