@@ -103,6 +103,21 @@ fn small_gue(dir: &Path, n: usize, splits: &[&str]) -> PathBuf {
     out
 }
 
+/// `dnatune train` of `model` on `data` into `run`, with `extra` arguments.
+fn train(model: &Path, data: &Path, run: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train",
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "--out",
+        s(run),
+    ];
+    args.extend_from_slice(extra);
+    dnatune(&args)
+}
+
 const WITH_X: &str = "sequence,label\nACGTACGTAC,1\nACGXACGT,0\nGGGCCCAAAT,0\n";
 
 #[test]
@@ -522,17 +537,7 @@ fn train_names_a_missing_dev_file() {
     let model = tiny_model(tmp.path());
     let data = small_gue(tmp.path(), 8, &["train", "test"]);
     let run = tmp.path().join("run");
-    let out = dnatune(&[
-        "train",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "--out",
-        s(&run),
-        "--max-steps",
-        "1",
-    ]);
+    let out = train(&model, &data, &run, &["--max-steps", "1"]);
     assert_fails_with(&out, &["dev.csv", s(&data)]);
 }
 
@@ -542,20 +547,38 @@ fn train_rejects_an_unknown_metric() {
     let model = tiny_model(tmp.path());
     let data = small_gue(tmp.path(), 8, &["train", "dev", "test"]);
     let run = tmp.path().join("run");
-    let out = dnatune(&[
-        "train",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "--out",
-        s(&run),
-        "--max-steps",
-        "1",
-        "--metric",
-        "bogus",
-    ]);
+    let out = train(
+        &model,
+        &data,
+        &run,
+        &["--max-steps", "1", "--metric", "bogus"],
+    );
     assert_fails_with(&out, &["metric", "bogus", "mcc"]);
+}
+
+/// A learning rate far too large makes the loss NaN within a step or two; the run stops there
+/// with an error instead of finishing with NaN weights and metrics. A negative one is refused
+/// before anything runs.
+#[test]
+fn train_stops_when_the_loss_diverges_and_refuses_a_negative_learning_rate() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = small_gue(tmp.path(), 16, &["train", "dev", "test"]);
+    let run = tmp.path().join("run");
+    let train_at = |lr: &str| {
+        let lr = format!("--lr={lr}");
+        train(
+            &model,
+            &data,
+            &run,
+            &["--max-steps", "8", "--batch-size", "4", &lr],
+        )
+    };
+    let out = train_at("1e30");
+    assert_fails_with(&out, &["diverged at step", "learning rate"]);
+    assert!(!run.join("metrics.json").exists());
+    let out = train_at("-1e-4");
+    assert_fails_with(&out, &["lr must be a positive number", "-0.0001"]);
 }
 
 /// Parses preds.csv (no quoted fields in these tests) into a header and rows.

@@ -21,6 +21,19 @@ fn save_base(dir: &Path, cfg: &ModelConfig, tokenizer: &dyn Tokenizer) -> PathBu
     base
 }
 
+/// Pre-training of `model` into `out` on the shipped corpus slice, 5 % of it held out; tests
+/// set the budget and shape.
+fn on_corpus_slice(model: PathBuf, out: PathBuf) -> PretrainConfig {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    PretrainConfig {
+        model,
+        corpus: root.join("tests/fixtures/pretrain-slice.fa.gz"),
+        out,
+        valid_fraction: 0.05,
+        ..PretrainConfig::default()
+    }
+}
+
 #[test]
 fn mlm_pretraining_lowers_validation_loss_and_resumes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -41,17 +54,13 @@ fn mlm_pretraining_lowers_validation_loss_and_resumes() {
 
     let out = tmp.path().join("pretrain");
     let mut pcfg = PretrainConfig {
-        model: base,
-        corpus: root.join("tests/fixtures/pretrain-slice.fa.gz"),
-        out: out.clone(),
         max_steps: 200,
         batch_size: 16,
         seq_len: 32,
         lr: 2e-3,
-        valid_fraction: 0.05,
         eval_every: 100,
         checkpoint_every: 100,
-        ..PretrainConfig::default()
+        ..on_corpus_slice(base, out.clone())
     };
     // Stop half-way as an interruption would, then resume to the end.
     pcfg.max_steps = 200;
@@ -85,6 +94,35 @@ fn mlm_pretraining_lowers_validation_loss_and_resumes() {
         "{:?}",
         loaded.notes
     );
+}
+
+/// A learning rate far too large stops pre-training at the step whose loss is NaN instead of
+/// saving a model of NaN weights.
+#[test]
+fn pretraining_stops_when_the_loss_diverges() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tokenizer =
+        BpeTokenizer::from_file(&root.join("assets/tokenizers/dna-bpe-4096/tokenizer.json"))
+            .unwrap();
+    let cfg =
+        ModelConfig::new(Architecture::Dnabert2, tokenizer.vocab_size(), 1, 32, 2, 64).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = save_base(tmp.path(), &cfg, &tokenizer);
+    let out = tmp.path().join("pretrain");
+    let pcfg = PretrainConfig {
+        max_steps: 20,
+        batch_size: 4,
+        seq_len: 16,
+        lr: 1e30,
+        warmup_ratio: 0.0,
+        ..on_corpus_slice(base, out.clone())
+    };
+    let Err(err) = pretrain::run(&pcfg, false) else {
+        panic!("pre-training at lr 1e30 finished");
+    };
+    let err = err.to_string();
+    assert!(err.contains("diverged at step"), "{err}");
+    assert!(!out.join("model").exists());
 }
 
 #[test]
@@ -153,7 +191,6 @@ fn esm_masked_lm_head_matches_transformers() {
 fn nucleotide_transformer_pretrains_and_its_lm_head_is_saved() {
     // A dnatune-initialised NT v2 layout (non-overlapping 3-mers, no end token) pre-trains on the
     // real corpus slice: the held-out loss falls, and the head is saved under ESM's names.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tokenizer = KmerTokenizer::non_overlapping(3).unwrap();
     let mut cfg =
         ModelConfig::new(Architecture::Esm, tokenizer.vocab_size(), 2, 64, 2, 128).unwrap();
@@ -164,16 +201,12 @@ fn nucleotide_transformer_pretrains_and_its_lm_head_is_saved() {
     let base = save_base(tmp.path(), &cfg, &tokenizer);
     let out = tmp.path().join("pretrain");
     let pcfg = PretrainConfig {
-        model: base,
-        corpus: root.join("tests/fixtures/pretrain-slice.fa.gz"),
-        out: out.clone(),
         max_steps: 150,
         batch_size: 16,
         seq_len: 32,
         lr: 2e-3,
-        valid_fraction: 0.05,
         eval_every: 150,
-        ..PretrainConfig::default()
+        ..on_corpus_slice(base, out.clone())
     };
     let done = pretrain::run(&pcfg, false).unwrap();
     // With 64 3-mers, guessing them uniformly costs ln 64 = 4.16 nats and hits 1 in 64: the model

@@ -22,7 +22,9 @@ use crate::model::params::{ParamBuilder, ParamStore, Trainable};
 use crate::ops::ForwardCtx;
 use crate::tokenize::{load_tokenizer, Tokenizer};
 use crate::train::config::Scheduler;
-use crate::train::optim::{clip_grad_norm, learning_rate, AdamW};
+use crate::train::optim::{
+    check_loss_is_finite, clip_grad_norm, learning_rate, AdamW, OptimiserSettings,
+};
 
 /// Pre-training settings (TOML keys; written to `OUT/pretrain.toml`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -201,6 +203,15 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
     if cfg.batch_size == 0 || cfg.seq_len < 8 || cfg.max_steps == 0 {
         bail!("batch_size and max_steps must be positive and seq_len at least 8");
     }
+    OptimiserSettings {
+        lr: cfg.lr,
+        weight_decay: cfg.weight_decay,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        max_grad_norm: cfg.max_grad_norm,
+    }
+    .validate()?;
     let device = crate::device::parse_device(&cfg.device)?;
     crate::device::seed_generator(&device, cfg.seed)?;
     let started = Instant::now();
@@ -320,6 +331,8 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
         let ctx = ForwardCtx::train(rng.random());
         let logits = model.forward(&ids, &mask, &pos, &ctx)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        check_loss_is_finite(loss_value, state.step + 1, cfg.lr)?;
         let store = loss.backward()?;
         let mut grads = params.gradients(&store);
         clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
@@ -328,7 +341,7 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
         state.step += 1;
         let tokens: u64 = windows.iter().map(|w| w.len() as u64).sum();
         state.tokens += tokens;
-        window.0 += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        window.0 += loss_value;
         window.1 += 1;
         window.2 += tokens;
         bar.inc(1);

@@ -367,6 +367,15 @@ impl TrainConfig {
         if self.max_length < 3 {
             bail!("max_length must be at least 3 ([CLS], one token, [SEP])");
         }
+        crate::train::optim::OptimiserSettings {
+            lr: self.learning_rate(),
+            weight_decay: self.weight_decay,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            max_grad_norm: self.max_grad_norm,
+        }
+        .validate()?;
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             bail!("warmup_ratio must be in [0, 1)");
         }
@@ -413,6 +422,12 @@ impl TrainConfig {
         }
         if self.method.uses_adapters() && self.lora.r == 0 {
             bail!("LoRA rank r must be positive");
+        }
+        if self.method.uses_adapters() && !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
+            bail!(
+                "LoRA alpha must be a positive number, got {}",
+                self.lora.alpha
+            );
         }
         for (name, p) in [
             ("lora.dropout", Some(self.lora.dropout)),

@@ -28,7 +28,7 @@ use crate::ops::ForwardCtx;
 use crate::peft::{adapter, LoraConfig};
 use crate::tokenize::{load_tokenizer, Tokenizer};
 use config::{Method, SplitKind, TrainConfig};
-use optim::{clip_grad_norm, learning_rate, AdamW};
+use optim::{check_loss_is_finite, clip_grad_norm, learning_rate, AdamW};
 pub use repeat::{mean_sd, run_folds, run_seeds, FoldsSummary, MetricSpread};
 pub(crate) use state::replace_dir;
 use state::RunState;
@@ -607,7 +607,9 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                     };
                     grads.insert(name, sum);
                 }
-                window.0 += nll_sum.to_dtype(DType::F64)?.to_scalar::<f64>()? / micro_weight;
+                let micro_loss = nll_sum.to_dtype(DType::F64)?.to_scalar::<f64>()? / micro_weight;
+                check_loss_is_finite(micro_loss, state.step + 1, peak_lr)?;
+                window.0 += micro_loss;
                 window.1 += 1;
                 window.2 += micro.len();
             }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, Storage, Tensor, Var};
 use rayon::prelude::*;
 
@@ -240,6 +240,70 @@ pub fn learning_rate(kind: Scheduler, peak: f64, step: usize, warmup: usize, tot
     }
 }
 
+/// The optimiser's settings as one run uses them, checked before it starts.
+pub struct OptimiserSettings {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// 0 turns clipping off.
+    pub max_grad_norm: f64,
+}
+
+impl OptimiserSettings {
+    /// Refuses settings that would train without any error into meaningless weights: a negative
+    /// or NaN learning rate steps uphill or poisons every weight, a beta of 1 never forgets.
+    pub fn validate(&self) -> Result<()> {
+        let checks = [
+            ("lr", self.lr, self.lr > 0.0, "a positive number"),
+            (
+                "weight_decay",
+                self.weight_decay,
+                self.weight_decay >= 0.0,
+                "0 or more",
+            ),
+            (
+                "beta1",
+                self.beta1,
+                (0.0..1.0).contains(&self.beta1),
+                "in [0, 1)",
+            ),
+            (
+                "beta2",
+                self.beta2,
+                (0.0..1.0).contains(&self.beta2),
+                "in [0, 1)",
+            ),
+            ("eps", self.eps, self.eps > 0.0, "a positive number"),
+            (
+                "max_grad_norm",
+                self.max_grad_norm,
+                self.max_grad_norm >= 0.0,
+                "0 (no clipping) or more",
+            ),
+        ];
+        for (name, value, ok, expected) in checks {
+            if !(ok && value.is_finite()) {
+                bail!("{name} must be {expected}, got {value}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Stops a run whose loss has become NaN or infinite: every later step would spread it through
+/// the weights and checkpoint garbage. `step` is the optimiser step the loss belongs to.
+pub fn check_loss_is_finite(loss: f64, step: usize, peak_lr: f64) -> Result<()> {
+    if !loss.is_finite() {
+        bail!(
+            "training diverged at step {step}: the loss is {loss} (peak learning rate {peak_lr:.3e}); \
+             lower the learning rate (--lr); checkpoints written before this step are kept"
+        );
+    }
+    Ok(())
+}
+
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before.
 pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
     let mut total = 0f64;
@@ -264,6 +328,49 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Res
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The defaults pass; each setting out of range, NaN or infinite is refused by name.
+    #[test]
+    fn optimiser_settings_refuse_values_that_would_train_into_garbage() {
+        let good = || OptimiserSettings {
+            lr: 1e-4,
+            weight_decay: 0.0,
+            beta1: 0.0,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 0.0,
+        };
+        good().validate().unwrap();
+        type Setter = fn(&mut OptimiserSettings, f64);
+        let cases: [(&str, Setter, &[f64]); 6] = [
+            ("lr", |s, v| s.lr = v, &[0.0, -1e-4]),
+            ("weight_decay", |s, v| s.weight_decay = v, &[-0.01]),
+            ("beta1", |s, v| s.beta1 = v, &[1.0, -0.1]),
+            ("beta2", |s, v| s.beta2 = v, &[1.0, 1.5]),
+            ("eps", |s, v| s.eps = v, &[0.0, -1e-8]),
+            ("max_grad_norm", |s, v| s.max_grad_norm = v, &[-1.0]),
+        ];
+        for (name, set, bad) in cases {
+            for &value in bad.iter().chain(&[f64::NAN, f64::INFINITY]) {
+                let mut settings = good();
+                set(&mut settings, value);
+                let err = settings.validate().unwrap_err().to_string();
+                assert!(
+                    err.starts_with(&format!("{name} must be")),
+                    "{name}={value}: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_non_finite_loss_stops_the_run_naming_the_step() {
+        check_loss_is_finite(0.69, 3, 1e-4).unwrap();
+        for loss in [f64::NAN, f64::INFINITY] {
+            let err = check_loss_is_finite(loss, 7, 1e-4).unwrap_err().to_string();
+            assert!(err.contains("diverged at step 7"), "{err}");
+        }
+    }
 
     /// Two AdamW steps on one parameter against the update rule recomputed by hand in f64.
     #[test]

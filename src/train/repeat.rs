@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 
 use super::config::{SplitSettings, TrainConfig};
 use super::{run, state};
-use crate::eval::{self, Metrics};
+
+use crate::eval::{self, read_labelled_predictions, Metrics};
 
 /// Mean and sample standard deviation of a test metric over repeated runs.
 #[derive(Debug, serde::Serialize)]
@@ -208,6 +209,11 @@ struct PooledPredictions {
 fn pool_fold_predictions(dirs: &[PathBuf], out: &Path) -> Result<PooledPredictions> {
     let mut header: Option<csv::StringRecord> = None;
     let mut rows: Vec<(usize, csv::StringRecord)> = Vec::new();
+    let mut pooled = PooledPredictions {
+        labels: Vec::new(),
+        probs: Vec::new(),
+        num_classes: 0,
+    };
     for (fold, dir) in dirs.iter().enumerate() {
         let path = dir.join("test_predictions.csv");
         let mut rdr = csv::Reader::from_path(&path)
@@ -225,19 +231,12 @@ fn pool_fold_predictions(dirs: &[PathBuf], out: &Path) -> Result<PooledPredictio
         for row in rdr.records() {
             rows.push((fold + 1, row.with_context(|| path.display().to_string())?));
         }
+        let scored = read_labelled_predictions(&path)?;
+        pooled.labels.extend(scored.labels);
+        pooled.probs.extend(scored.probs);
+        pooled.num_classes = scored.num_classes;
     }
     let header = header.context("no folds to pool")?;
-    let column = |name: &str| header.iter().position(|h| h == name);
-    let label_col = column("label").context("test predictions without a label column")?;
-    let prob_cols: Vec<usize> = (0..).map_while(|c| column(&format!("prob_{c}"))).collect();
-    let mut labels = Vec::with_capacity(rows.len());
-    let mut probs = Vec::with_capacity(rows.len() * prob_cols.len());
-    for (_, row) in &rows {
-        labels.push(row[label_col].parse::<usize>()?);
-        for &c in &prob_cols {
-            probs.push(row[c].parse::<f32>()?);
-        }
-    }
     crate::fsutil::write_atomic_with(out, |w| {
         let mut csv_out = csv::Writer::from_writer(w);
         csv_out.write_record(std::iter::once("fold").chain(header.iter()))?;
@@ -248,11 +247,7 @@ fn pool_fold_predictions(dirs: &[PathBuf], out: &Path) -> Result<PooledPredictio
         csv_out.flush()?;
         Ok(())
     })?;
-    Ok(PooledPredictions {
-        labels,
-        probs,
-        num_classes: prob_cols.len(),
-    })
+    Ok(pooled)
 }
 
 /// What a run folder already holds.
