@@ -581,6 +581,42 @@ fn train_stops_when_the_loss_diverges_and_refuses_a_negative_learning_rate() {
     assert_fails_with(&out, &["lr must be a positive number", "-0.0001"]);
 }
 
+/// Labels 0 and 2 make three classes, one never trained: the run says so instead of silently
+/// fitting a 3-class head; labels 0 and 1 give no such warning.
+#[test]
+fn train_warns_about_a_class_no_training_sequence_has() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = small_gue(tmp.path(), 16, &["train", "dev", "test"]);
+    let out = train(
+        &model,
+        &data,
+        &tmp.path().join("run01"),
+        &["--max-steps", "1"],
+    );
+    assert_ok(&out);
+    assert!(
+        !stderr(&out).contains("no training sequence"),
+        "{}",
+        stderr(&out)
+    );
+    for split in ["train", "dev", "test"] {
+        let path = data.join(format!("{split}.csv"));
+        let text = fs::read_to_string(&path).unwrap().replace(",1\n", ",2\n");
+        fs::write(&path, text).unwrap();
+    }
+    let out = train(
+        &model,
+        &data,
+        &tmp.path().join("run02"),
+        &["--max-steps", "1"],
+    );
+    assert_ok(&out);
+    let err = stderr(&out);
+    assert!(err.contains("no training sequence has label 1;"), "{err}");
+    assert!(err.contains("3 classes (0..=2)"), "{err}");
+}
+
 /// Parses preds.csv (no quoted fields in these tests) into a header and rows.
 fn read_preds(path: &Path) -> (String, Vec<Vec<String>>) {
     let text = fs::read_to_string(path).unwrap();

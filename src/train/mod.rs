@@ -77,6 +77,37 @@ pub fn warn_truncated(records: &[Record], truncated: &[usize], max_len: usize, w
     }
 }
 
+/// Labels are class indices, so labels 0 and 2 make three classes; a class with no training
+/// sequence (a gap in the labels, or one only dev or test has) is never learnt and changes the
+/// metrics (MCC over three classes, not two). Says so on stderr.
+fn warn_untrained_classes(train_labels: &[usize], num_labels: usize) {
+    let missing = classes_without_sequences(train_labels, num_labels);
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(usize::to_string).collect();
+        eprintln!(
+            "warning: no training sequence has label {}; labels are class indices, so the model \
+             has {num_labels} classes (0..={}) and never learns {}; renumber the labels \
+             0..=K-1 if that is not meant",
+            names.join(", "),
+            num_labels - 1,
+            if missing.len() == 1 {
+                "that one"
+            } else {
+                "those"
+            }
+        );
+    }
+}
+
+/// The classes below `num_labels` that none of `labels` has.
+fn classes_without_sequences(labels: &[usize], num_labels: usize) -> Vec<usize> {
+    let mut seen = vec![false; num_labels];
+    for &y in labels {
+        seen[y] = true;
+    }
+    (0..num_labels).filter(|&c| !seen[c]).collect()
+}
+
 /// [`Encoded`] `sequences`, in parallel.
 pub(crate) fn encode_sequences(
     sequences: &[&str],
@@ -424,6 +455,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         .chain(&test.labels)
         .max()
         .map_or(2, |m| (m + 1).max(2));
+    warn_untrained_classes(&train.labels, num_labels);
     let mean_tokens =
         train.ids.iter().map(Vec::len).sum::<usize>() as f64 / train.ids.len().max(1) as f64;
     println!(
