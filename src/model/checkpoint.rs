@@ -175,6 +175,7 @@ pub fn load_weights(
             } else {
                 tensor
             };
+            check_finite(&tensor, &name, file)?;
             if tensors.insert(name.clone(), tensor).is_some() {
                 bail!(
                     "{}: tensor {name} appears more than once in {}",
@@ -216,6 +217,35 @@ const NESTED_STATE_DICT_KEYS: [&str; 3] = ["state_dict", "model_state_dict", "mo
 
 /// Reads a zip-format `torch.save` file without executing its pickle. A bare state dict is read
 /// directly; otherwise the state dict is looked for under the usual nesting keys.
+/// Refuses a floating tensor holding NaN or infinite values (a checkpoint saved after training
+/// diverged, or a damaged file): loaded, it would turn every probability into NaN without an
+/// error. One reduction per tensor; the values are counted only when it is not finite.
+pub fn check_finite(tensor: &Tensor, name: &str, file: &Path) -> Result<()> {
+    if !tensor.dtype().is_float() {
+        return Ok(());
+    }
+    // Half-precision sums can overflow on finite values; f32 ones cannot for any real model.
+    let wide = match tensor.dtype() {
+        DType::F32 | DType::F64 => tensor.clone(),
+        _ => tensor.to_dtype(DType::F32)?,
+    };
+    let sum = wide.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if sum.is_finite() {
+        return Ok(());
+    }
+    let values = wide.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        bail!(
+            "{}: tensor `{name}` has {bad} NaN or infinite values of {}; the checkpoint is \
+             unusable (was it saved after training diverged?)",
+            file.display(),
+            values.len()
+        );
+    }
+    Ok(())
+}
+
 fn read_pytorch_bin(file: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
     let context = || {
         format!(
@@ -513,6 +543,39 @@ mod tests {
             "{report:?}"
         );
         assert_eq!(report.unexpected.len(), from_st.len() - expected.len());
+    }
+
+    /// A NaN or an infinity anywhere in the weights is refused, naming the tensor and the count;
+    /// large finite half-precision values, whose half-precision sum would overflow, are not.
+    #[test]
+    fn weights_with_non_finite_values_are_refused_by_name() {
+        let mut weights = tiny_dnabert2();
+        let large = Tensor::full(60_000f32, 64, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        weights.insert("cls.predictions.bias".to_owned(), large);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.safetensors");
+        candle_core::safetensors::save(&weights, &file).unwrap();
+        load_weights(dir.path(), &Device::Cpu).unwrap();
+        let name = "bert.encoder.layer.0.mlp.wo.weight";
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut values = values(&weights[name]);
+            values[7] = bad;
+            let shape = weights[name].dims().to_vec();
+            let mut poisoned = weights.clone();
+            poisoned.insert(
+                name.to_owned(),
+                Tensor::from_vec(values, shape, &Device::Cpu).unwrap(),
+            );
+            candle_core::safetensors::save(&poisoned, &file).unwrap();
+            let err = format!("{:#}", load_weights(dir.path(), &Device::Cpu).unwrap_err());
+            assert!(
+                err.contains(name) && err.contains("has 1 NaN or infinite values"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

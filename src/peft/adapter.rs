@@ -107,6 +107,7 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
     let mut raw_tensors: Vec<(String, Tensor)> = raw_tensors.into_iter().collect();
     raw_tensors.sort_by(|a, b| a.0.cmp(&b.0));
     for (key, t) in raw_tensors {
+        crate::model::checkpoint::check_finite(&t, &key, &weights_path)?;
         let name = key
             .strip_prefix(PREFIX)
             .unwrap_or(&key)
@@ -230,12 +231,28 @@ mod tests {
         let text = std::fs::read_to_string(&cfg_path)
             .unwrap()
             .replace("\"r\": 4", "\"r\": 8");
-        std::fs::write(&cfg_path, text).unwrap();
+        std::fs::write(&cfg_path, &text).unwrap();
         let err = format!(
             "{:#}",
             load_adapter(dir.path(), &Device::Cpu).err().unwrap()
         );
         assert!(err.contains("lora_A") && err.contains("r = 8"), "{err}");
+        // Weights with a NaN in them (saved after training diverged) are refused by name.
+        std::fs::write(&cfg_path, text.replace("\"r\": 8", "\"r\": 4")).unwrap();
+        let weights = dir.path().join("adapter_model.safetensors");
+        let mut raw = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+        let key = "base_model.model.classifier.bias";
+        let poisoned = Tensor::new(&[0.5f32, f32::NAN], &Device::Cpu).unwrap();
+        raw.insert(key.to_string(), poisoned);
+        candle_core::safetensors::save(&raw, &weights).unwrap();
+        let err = format!(
+            "{:#}",
+            load_adapter(dir.path(), &Device::Cpu).err().unwrap()
+        );
+        assert!(
+            err.contains(key) && err.contains("1 NaN or infinite values of 2"),
+            "{err}"
+        );
         std::fs::remove_file(dir.path().join("adapter_model.safetensors")).unwrap();
         let err = format!(
             "{:#}",
