@@ -63,26 +63,29 @@ fn assert_fails_with(out: &Output, needles: &[&str]) {
 
 /// A one-layer DNABERT-2-shaped model with the bundled BPE tokenizer, written under `dir`.
 fn tiny_model(dir: &Path) -> PathBuf {
-    let out = dir.join("model");
     let tokenizer = repo_file("assets/tokenizers/dna-bpe-4096/tokenizer.json");
-    assert_ok(&dnatune(&[
+    init_tiny(
+        &dir.join("model"),
+        &["--arch", "dnabert2", "--tokenizer", s(&tokenizer)],
+    )
+}
+
+/// `dnatune init-model` of one layer, hidden size 32, 2 heads, intermediate 64 into `out`, with
+/// `arch` naming the architecture and tokenizer.
+fn init_tiny(out: &Path, arch: &[&str]) -> PathBuf {
+    let mut args = vec![
         "init-model",
-        "--arch",
-        "dnabert2",
         "--layers",
         "1",
         "--hidden",
         "32",
         "--heads",
         "2",
-        "--intermediate",
-        "64",
-        "--tokenizer",
-        s(&tokenizer),
-        "--out",
-        s(&out),
-    ]));
-    out
+    ];
+    args.extend(["--intermediate", "64", "--out", s(out)]);
+    args.extend_from_slice(arch);
+    assert_ok(&dnatune(&args));
+    out.to_path_buf()
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -101,6 +104,21 @@ fn small_gue(dir: &Path, n: usize, splits: &[&str]) -> PathBuf {
         fs::write(out.join(format!("{split}.csv")), head.join("\n") + "\n").unwrap();
     }
     out
+}
+
+/// `dnatune predict` of `model` on `input` into `out`, with `extra` arguments.
+fn predict(model: &Path, input: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "predict",
+        "--model",
+        s(model),
+        "--input",
+        s(input),
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    dnatune(&args)
 }
 
 /// `dnatune train` of `model` on `data` into `run`, with `extra` arguments.
@@ -126,15 +144,7 @@ fn predict_names_file_line_and_column_of_an_invalid_letter() {
     let model = tiny_model(tmp.path());
     let input = write(tmp.path(), "x.csv", WITH_X);
     let preds = tmp.path().join("preds.csv");
-    let out = dnatune(&[
-        "predict",
-        "--model",
-        s(&model),
-        "--input",
-        s(&input),
-        "--out",
-        s(&preds),
-    ]);
+    let out = predict(&model, &input, &preds, &[]);
     // Line 3 of the file, fourth letter of the sequence.
     let at = format!("{}:3:4", input.display());
     assert_fails_with(&out, &[&at, "'X'"]);
@@ -208,16 +218,7 @@ fn skip_invalid_drops_bad_sequences_and_reports_the_count() {
     let model = tiny_model(tmp.path());
     let input = write(tmp.path(), "x.csv", WITH_X);
     let preds = tmp.path().join("preds.csv");
-    let out = dnatune(&[
-        "predict",
-        "--model",
-        s(&model),
-        "--input",
-        s(&input),
-        "--out",
-        s(&preds),
-        "--skip-invalid",
-    ]);
+    let out = predict(&model, &input, &preds, &["--skip-invalid"]);
     assert_ok(&out);
     assert!(stderr(&out).contains("skipped 1 "), "{}", stderr(&out));
     let rows = fs::read_to_string(&preds).unwrap().lines().count() - 1;
@@ -254,21 +255,15 @@ fn ambiguous_as_n_reads_iupac_codes_as_n_and_the_error_points_to_it() {
         "plain.csv",
         "sequence\nACGTACGTAC\nACGNACGTNA\n",
     );
-    let predict = |input: &Path, out: &Path, extra: &[&str]| {
-        let mut args = vec!["predict", "--model", s(&model), "--input", s(input)];
-        args.extend(["--out", s(out)]);
-        args.extend(extra);
-        dnatune(&args)
-    };
     let from_coded = tmp.path().join("coded-preds.csv");
     let at = format!("{}:3:4", coded.display());
     assert_fails_with(
-        &predict(&coded, &from_coded, &[]),
+        &predict(&model, &coded, &from_coded, &[]),
         &[&at, "'y'", "--ambiguous-as-n"],
     );
-    assert_ok(&predict(&coded, &from_coded, &["--ambiguous-as-n"]));
+    assert_ok(&predict(&model, &coded, &from_coded, &["--ambiguous-as-n"]));
     let from_plain = tmp.path().join("plain-preds.csv");
-    assert_ok(&predict(&plain, &from_plain, &[]));
+    assert_ok(&predict(&model, &plain, &from_plain, &[]));
     let (_, coded_rows) = read_preds(&from_coded);
     let (_, plain_rows) = read_preds(&from_plain);
     assert_eq!(coded_rows.len(), 2);
@@ -321,6 +316,33 @@ fn predict_and_eval_warn_about_sequences_cut_at_max_length() {
     let out = dnatune(&args);
     assert_ok(&out);
     assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+}
+
+/// A 6-mer model sees no base of a sequence shorter than 6 bp: predict counts such sequences
+/// and names the first; a sequence of exactly 6 bp gives a token and no warning.
+#[test]
+fn predict_warns_about_sequences_too_short_for_a_kmer_tokenizer() {
+    let tmp = TempDir::new().unwrap();
+    let model = init_tiny(
+        &tmp.path().join("kmer6"),
+        &["--arch", "bert", "--kmer", "6"],
+    );
+    let preds = tmp.path().join("preds.csv");
+    let predict_text = |text: &str| {
+        let input = write(tmp.path(), "x.csv", text);
+        let out = predict(&model, &input, &preds, &[]);
+        assert_ok(&out);
+        stderr(&out)
+    };
+    let err = predict_text("id,sequence\nfine,ACGTACGTAC\ntiny,ACGTA\nmer,ACGTAC\nbase,G\n");
+    assert!(
+        err.contains("warning: 2 of 4 input sequences are too short")
+            && err.contains("`tiny`, 5 bp"),
+        "{err}"
+    );
+    assert_eq!(read_csv(&preds).len(), 4);
+    let err = predict_text("id,sequence\nfine,ACGTACGTAC\nmer,ACGTAC\n");
+    assert!(!err.contains("too short"), "{err}");
 }
 
 /// The rows of a CSV file below its header, as strings.
@@ -519,15 +541,7 @@ fn predict_names_a_mis_shaped_tensor() {
     halve_last_dim(&model, name);
     let input = write(tmp.path(), "in.csv", "sequence\nACGTACGTAC\n");
     let preds = tmp.path().join("preds.csv");
-    let out = dnatune(&[
-        "predict",
-        "--model",
-        s(&model),
-        "--input",
-        s(&input),
-        "--out",
-        s(&preds),
-    ]);
+    let out = predict(&model, &input, &preds, &[]);
     assert_fails_with(&out, &[name, "[32, 16]", "[32, 32]"]);
 }
 
@@ -652,15 +666,7 @@ fn predict_writes_one_row_per_input_with_normalised_probabilities() {
     ];
     for (input, expected) in cases {
         let preds = tmp.path().join("preds.csv");
-        let out = dnatune(&[
-            "predict",
-            "--model",
-            s(&model),
-            "--input",
-            s(&input),
-            "--out",
-            s(&preds),
-        ]);
+        let out = predict(&model, &input, &preds, &[]);
         assert_ok(&out);
         let (header, rows) = read_preds(&preds);
         assert_eq!(header, "id,length,prediction,prob_0,prob_1");
@@ -684,24 +690,7 @@ fn predict_writes_one_row_per_input_with_normalised_probabilities() {
 #[test]
 fn init_model_bert_kmer_writes_vocab_and_bert_config() {
     let tmp = TempDir::new().unwrap();
-    let out = tmp.path().join("k3");
-    assert_ok(&dnatune(&[
-        "init-model",
-        "--arch",
-        "bert",
-        "--kmer",
-        "3",
-        "--layers",
-        "1",
-        "--hidden",
-        "32",
-        "--heads",
-        "2",
-        "--intermediate",
-        "64",
-        "--out",
-        s(&out),
-    ]));
+    let out = init_tiny(&tmp.path().join("k3"), &["--arch", "bert", "--kmer", "3"]);
     let vocab = fs::read_to_string(out.join("vocab.txt")).unwrap();
     let tokens: Vec<&str> = vocab.lines().collect();
     // 4^3 k-mers plus [PAD], [UNK], [CLS], [SEP], [MASK].
@@ -819,17 +808,7 @@ fn predict_rejects_a_zero_max_length() {
     let model = tiny_model(tmp.path());
     let input = write(tmp.path(), "in.csv", "sequence\nACGTAC\n");
     let preds = tmp.path().join("preds.csv");
-    let out = dnatune(&[
-        "predict",
-        "--model",
-        s(&model),
-        "--input",
-        s(&input),
-        "--out",
-        s(&preds),
-        "--max-length",
-        "0",
-    ]);
+    let out = predict(&model, &input, &preds, &["--max-length", "0"]);
     assert_fails_with(&out, &["length"]);
 }
 
@@ -1130,15 +1109,7 @@ fn eval_writes_labelled_predictions_that_compare_reads() {
         s(&labelled),
     ]);
     assert_ok(&out);
-    let out = dnatune(&[
-        "predict",
-        "--model",
-        s(&model),
-        "--input",
-        s(&input),
-        "--out",
-        s(&plain),
-    ]);
+    let out = predict(&model, &input, &plain, &[]);
     assert_ok(&out);
     let evaluated = read_csv(&labelled);
     let predicted = read_csv(&plain);

@@ -1101,7 +1101,7 @@ fn score_records(
         // Members of one base share its tokenizer: one warning per token limit says it for all.
         if !warned_lengths.contains(&max_len) {
             warned_lengths.push(max_len);
-            train::warn_truncated(records, &encoded.truncated, max_len, "input");
+            train::warn_about_encoding(records, &encoded, max_len, "input");
         }
         let probs = train::predict_strands(
             &loaded.model,

@@ -50,6 +50,9 @@ pub struct Encoded {
     pub reverse: Option<Vec<Vec<u32>>>,
     /// Indices of the sequences longer than `max_len` tokens on either strand, in order.
     pub truncated: Vec<usize>,
+    /// Indices of the sequences that give no token at all (shorter than a k-mer tokenizer's k):
+    /// the model sees only its special tokens for them.
+    pub without_tokens: Vec<usize>,
 }
 
 /// The records' ids cut at `max_len` tokens (see [`Encoded`]).
@@ -63,16 +66,28 @@ pub fn encode_strands(
     encode_sequences(&sequences, tokenizer, max_len, both_strands)
 }
 
-/// Says on stderr how many of `records` ([`Encoded::truncated`]) were cut at `max_len` tokens:
-/// their tails do not reach the model, which a user should know before trusting the calls.
-pub fn warn_truncated(records: &[Record], truncated: &[usize], max_len: usize, what: &str) {
-    if let Some(&first) = truncated.first() {
+/// Says on stderr how many of `records` were cut at `max_len` tokens ([`Encoded::truncated`]:
+/// their tails do not reach the model) and how many gave no token at all
+/// ([`Encoded::without_tokens`]: their calls say nothing about them), which a user should know
+/// before trusting the calls.
+pub fn warn_about_encoding(records: &[Record], encoded: &Encoded, max_len: usize, what: &str) {
+    if let Some(&first) = encoded.truncated.first() {
         eprintln!(
             "warning: {} of {} {what} sequences are longer than max length {max_len} tokens and \
              were cut short (the first: `{}`); raise --max-length to keep their tails",
-            truncated.len(),
+            encoded.truncated.len(),
             records.len(),
             records[first].id
+        );
+    }
+    if let Some(&first) = encoded.without_tokens.first() {
+        eprintln!(
+            "warning: {} of {} {what} sequences are too short to give the tokenizer a single \
+             token (the first: `{}`, {} bp), so the model sees none of their bases",
+            encoded.without_tokens.len(),
+            records.len(),
+            records[first].id,
+            records[first].seq.len()
         );
     }
 }
@@ -140,10 +155,19 @@ pub(crate) fn encode_sequences(
         .filter(|(_, &c)| c)
         .map(|(i, _)| i)
         .collect();
+    // The empty sequence's ids are the special tokens alone.
+    let bare = tokenizer.encode("", Some(max_len));
+    let without_tokens = forward
+        .iter()
+        .enumerate()
+        .filter(|(_, ids)| **ids == bare)
+        .map(|(i, _)| i)
+        .collect();
     Encoded {
         forward,
         reverse,
         truncated,
+        without_tokens,
     }
 }
 
@@ -319,7 +343,7 @@ fn prepare_split(
         })
         .collect::<Result<Vec<_>>>()?;
     let encoded = encode_strands(&records, tokenizer, max_len, both_strands);
-    warn_truncated(&records, &encoded.truncated, max_len, what);
+    warn_about_encoding(&records, &encoded, max_len, what);
     Ok(SplitData {
         records,
         ids: encoded.forward,
