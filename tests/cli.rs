@@ -591,6 +591,12 @@ fn train_stops_when_the_loss_diverges_and_refuses_a_negative_learning_rate() {
     let out = train_at("1e30");
     assert_fails_with(&out, &["diverged at step", "learning rate"]);
     assert!(!run.join("metrics.json").exists());
+    // One step: the weights it leaves give NaN probabilities on dev, which must not be kept
+    // as the best checkpoint or scored.
+    let one_step = tmp.path().join("one-step");
+    let out = train(&model, &data, &one_step, &["--max-steps", "1", "--lr=1e30"]);
+    assert_fails_with(&out, &["evaluating on dev after step 1", "NaN or infinite"]);
+    assert!(!one_step.join("metrics.json").exists());
     let out = train_at("-1e-4");
     assert_fails_with(&out, &["lr must be a positive number", "-0.0001"]);
 }

@@ -248,6 +248,15 @@ pub fn predict_strands(
             *p = 0.5 * (*p + q);
         }
     }
+    // NaN probabilities would pass for a confident call of class 0 in every metric and file.
+    if let Some(i) = probs.iter().position(|p| !p.is_finite()) {
+        bail!(
+            "the model's class probabilities are NaN or infinite (first for sequence {} of {}): \
+             its weights have diverged or overflow on this input",
+            i / model.num_labels + 1,
+            forward.len()
+        );
+    }
     Ok(probs)
 }
 
@@ -712,7 +721,8 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                     pad,
                     cfg.eval_batch_size,
                     &device,
-                )?;
+                )
+                .with_context(|| format!("evaluating on dev after step {}", state.step))?;
                 let value = metrics.get(&cfg.metric).unwrap_or(f64::NAN);
                 let improved = match state.best_value {
                     None => true,
