@@ -7,8 +7,10 @@
 //! kernel is built around it: B in panels of [`NR`] columns whose depth runs in pairs, A converted
 //! per call to rows of bf16 pairs, and an `MR x NR` register tile of 24 zmm accumulators. Work
 //! is split into jobs of up to 64 rows times a group of panels on rayon's pool (`--threads`).
-//! CPUs without the instruction (or not x86-64) take [`gemm_portable`]: the same bf16 values
-//! widened to f32 and multiplied by candle's f32 GEMM.
+//! CPUs with AMX tiles (Intel Sapphire Rapids and later), on which `vdpbf16ps` turned out no
+//! faster than f32 FMAs, take the `amx` kernel instead: 0.9-1.2 TFLOP/s on two cores there
+//! against 0.24 for the `vdpbf16ps` one (BENCHMARKS.md). CPUs with neither (or not x86-64) take
+//! [`gemm_portable`]: the same bf16 values widened to f32 and multiplied by candle's f32 GEMM.
 
 use std::ops::Range;
 
@@ -130,6 +132,13 @@ pub fn gemm(
 ) -> candle_core::Result<()> {
     check_operands(a, m, &depth, b, &cols, bias, out)?;
     #[cfg(target_arch = "x86_64")]
+    if amx::available() {
+        // SAFETY: the CPU has AMX-BF16 and AVX-512 BF16 and the process may use the tiles
+        // (checked just above); the operand sizes were checked by `check_operands`.
+        unsafe { amx::gemm(a, m, depth, b, cols, bias, out) };
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx512_bf16() {
         // SAFETY: the CPU has AVX-512 F, BW and BF16 (checked just above), and the operand
         // sizes the kernel indexes by were checked by `check_operands`.
@@ -206,6 +215,255 @@ fn check_operands(
     Ok(())
 }
 
+/// The same product on AMX tiles (Intel Sapphire Rapids and later), where `vdpbf16ps` is no
+/// faster than f32 FMAs but one `tdpbf16ps` multiplies a 16 x 32 bf16 tile of A by a 32 x 16
+/// tile of B into a 16 x 16 f32 tile. A is packed as for AVX-512 (rows of bf16 pairs, padded
+/// to whole tiles); B is read in place: 16 columns of a [`PackedB`] panel over 16 depth pairs
+/// are one tile at a row stride of the panel's width. A job is 32 rows times pairs of 16-column
+/// subtiles: four accumulator tiles, two of A and two of B, the eight tile registers.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{avx512, PackedB, NR};
+    use rayon::prelude::*;
+    use std::arch::asm;
+    use std::ops::Range;
+    use std::sync::OnceLock;
+
+    /// Rows of a tile, columns of a subtile, depth pairs of a tile.
+    const T: usize = 16;
+    /// Bytes of one row of a [`PackedB`] panel (NR columns of a depth pair).
+    const B_STRIDE: usize = NR * 2 * 2;
+
+    /// `ldtilecfg`'s 64-byte operand, palette 1: tiles 0-3 the f32 accumulators, 4-5 A, 6-7 B,
+    /// each 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        bytes_per_row: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    const CONFIG: TileConfig = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        bytes_per_row: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+
+    /// Whether the CPU has AMX-BF16 (and AVX-512 BF16, which packs A) and Linux lets this
+    /// process use the tile registers: asked once (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+    /// XFEATURE_XTILEDATA)`), for every thread of the process.
+    pub(super) fn available() -> bool {
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            // Leaf 7, sub-leaf 0: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+            let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+            let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+            if !(amx_bf16 && amx_tile && super::has_avx512_bf16()) {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a request for a permission, with no pointer arguments.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                ) == 0
+            }
+        })
+    }
+
+    /// The output shared by the parallel jobs, each of which writes its own rectangle of it.
+    struct SharedOut(*mut f32);
+    // SAFETY: jobs write disjoint rectangles (distinct row blocks or distinct subtiles), and the
+    // buffer outlives the parallel loop that uses the pointer.
+    unsafe impl Sync for SharedOut {}
+    unsafe impl Send for SharedOut {}
+
+    /// See [`super::gemm`].
+    ///
+    /// # Safety
+    /// [`available`] must be true, and the operands must satisfy [`super::check_operands`].
+    pub(super) unsafe fn gemm(
+        a: &[f32],
+        m: usize,
+        depth: Range<usize>,
+        b: &PackedB,
+        cols: Range<usize>,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let lead = depth.start % 2;
+        let first_pair = depth.start / 2;
+        let k_tiles = (lead + depth.len()).div_ceil(2).div_ceil(T);
+        // A's pairs padded with zeros to whole tiles, its rows to whole 32-row blocks.
+        let a_pairs = k_tiles * T;
+        // SAFETY: the CPU has AVX-512 BF16 (part of `available`).
+        let packed_a = unsafe { avx512::pack_a(a, m, depth.len(), lead, a_pairs, 2 * T) };
+        let subtiles = cols.start / T..cols.end.div_ceil(T);
+        let sub_pairs = subtiles.len().div_ceil(2);
+        let blocks = m.div_ceil(2 * T);
+        let groups = (4 * rayon::current_num_threads())
+            .div_ceil(blocks.max(1))
+            .clamp(1, sub_pairs.max(1));
+        let per_group = sub_pairs.div_ceil(groups);
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        let product = Product {
+            packed_a: &packed_a,
+            a_pairs,
+            m,
+            b,
+            first_pair,
+            k_tiles,
+            cols,
+            bias,
+        };
+        (0..blocks * groups).into_par_iter().for_each(|job| {
+            let (block, group) = (job / groups, job % groups);
+            let pairs_from = group * per_group;
+            let pairs_to = (pairs_from + per_group).min(sub_pairs);
+            // SAFETY: the tile state is permitted (`available`); the configuration is per thread.
+            unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+            for pair in pairs_from..pairs_to {
+                let s = subtiles.start + 2 * pair;
+                let second = (s + 1 < subtiles.end).then_some(s + 1);
+                // SAFETY: see `Product::block`; each job writes rows of its block and columns
+                // of its subtiles only.
+                unsafe { product.block(block * 2 * T, s, second, &out_ptr) };
+            }
+            // SAFETY: releases this thread's tile state.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        });
+    }
+
+    /// The operands of one call, shared by its jobs.
+    struct Product<'a> {
+        packed_a: &'a [u32],
+        a_pairs: usize,
+        m: usize,
+        b: &'a PackedB,
+        first_pair: usize,
+        k_tiles: usize,
+        cols: Range<usize>,
+        bias: Option<&'a [f32]>,
+    }
+
+    impl Product<'_> {
+        /// Rows `i0..i0 + 32` times the subtile `s` and, if any, `second` (16 columns each):
+        /// the four accumulator tiles over every depth tile, stored into `out`.
+        ///
+        /// # Safety
+        /// The tiles must be configured as [`CONFIG`] on this thread; `out` must be `m x
+        /// cols.len()` and this job the only writer of the rectangle.
+        unsafe fn block(&self, i0: usize, s: usize, second: Option<usize>, out: &SharedOut) {
+            // B rows past the last depth pair of the panel (only in the last depth tile) are
+            // read from a zero-padded copy, so no load leaves the packed buffer.
+            let mut tails = [[0u16; T * NR * 2]; 2];
+            let zeros = [0u16; T * NR * 2];
+            let panel_pairs = self.b.pairs();
+            let tile_of =
+                |sub: Option<usize>, kt: usize, tail: &mut [u16; T * NR * 2]| -> *const u16 {
+                    let Some(sub) = sub else {
+                        return zeros.as_ptr();
+                    };
+                    let (panel, offset) = (sub * T / NR, sub * T % NR);
+                    let pair0 = self.first_pair + kt * T;
+                    let panel_at = panel * panel_pairs * NR * 2;
+                    if pair0 + T <= panel_pairs {
+                        return self.b.data[panel_at + pair0 * NR * 2 + offset * 2..].as_ptr();
+                    }
+                    for r in 0..panel_pairs.saturating_sub(pair0) {
+                        let from = panel_at + (pair0 + r) * NR * 2 + offset * 2;
+                        tail[r * NR * 2..r * NR * 2 + 2 * T]
+                            .copy_from_slice(&self.b.data[from..from + 2 * T]);
+                    }
+                    tail.as_ptr()
+                };
+            let a_stride = self.a_pairs * 4;
+            // SAFETY: packed A has whole 32-row blocks of a_pairs pairs.
+            let a0 = unsafe { self.packed_a.as_ptr().add(i0 * self.a_pairs) };
+            unsafe {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            }
+            let [tail0, tail1] = &mut tails;
+            for kt in 0..self.k_tiles {
+                let b0 = tile_of(Some(s), kt, tail0);
+                let b1 = tile_of(second, kt, tail1);
+                // SAFETY: each load reads 16 rows of 64 bytes at its stride, inside packed A
+                // (32 rows from i0, pairs kt * 16..kt * 16 + 16), a B panel or a tail copy.
+                unsafe {
+                    let a_at = a0.add(kt * T);
+                    asm!(
+                        "tileloadd tmm4, [{a} + {sa}*1]",
+                        "tileloadd tmm5, [{a2} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a = in(reg) a_at,
+                        a2 = in(reg) a_at.add(T * self.a_pairs),
+                        b0 = in(reg) b0,
+                        b1 = in(reg) b1,
+                        sa = in(reg) a_stride,
+                        sb = in(reg) B_STRIDE,
+                        options(nostack, readonly),
+                    );
+                }
+            }
+            let mut scratch = [[0f32; T * T]; 4];
+            // SAFETY: each store writes 16 rows of 64 bytes into its scratch tile.
+            unsafe {
+                asm!(
+                    "tilestored [{c0} + {s}*1], tmm0",
+                    "tilestored [{c1} + {s}*1], tmm1",
+                    "tilestored [{c2} + {s}*1], tmm2",
+                    "tilestored [{c3} + {s}*1], tmm3",
+                    c0 = in(reg) scratch[0].as_mut_ptr(),
+                    c1 = in(reg) scratch[1].as_mut_ptr(),
+                    c2 = in(reg) scratch[2].as_mut_ptr(),
+                    c3 = in(reg) scratch[3].as_mut_ptr(),
+                    s = in(reg) T * 4,
+                    options(nostack),
+                );
+            }
+            let width = self.cols.len();
+            for (t, tile) in scratch.iter().enumerate() {
+                let Some(sub) = (if t % 2 == 0 { Some(s) } else { second }) else {
+                    continue;
+                };
+                let rows = i0 + (t / 2) * T..(i0 + (t / 2 + 1) * T).min(self.m);
+                let (lo, hi) = (
+                    (sub * T).max(self.cols.start),
+                    ((sub + 1) * T).min(self.cols.end),
+                );
+                for i in rows.clone() {
+                    let from = &tile[(i - rows.start) * T..];
+                    for j in lo..hi {
+                        let v =
+                            from[j - sub * T] + self.bias.map_or(0.0, |v| v[j - self.cols.start]);
+                        // SAFETY: row i < m and column j - cols.start < width, in this job's
+                        // rectangle.
+                        unsafe { *out.0.add(i * width + j - self.cols.start) = v };
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{PackedB, MR, NR, TILES_PER_JOB};
@@ -240,7 +498,7 @@ mod avx512 {
         let first_pair = depth.start / 2;
         let pairs = (lead + depth.len()).div_ceil(2);
         let tiles = m.div_ceil(MR);
-        let packed_a = pack_a(a, m, depth.len(), lead, pairs);
+        let packed_a = pack_a(a, m, depth.len(), lead, pairs, MR);
         let panels = cols.start / NR..cols.end.div_ceil(NR);
         let blocks = tiles.div_ceil(TILES_PER_JOB);
         // Enough jobs for every thread to get several (few rows: split the panels instead).
@@ -301,12 +559,19 @@ mod avx512 {
     }
 
     /// A (`m x len`) as rows of bf16 pairs (one u32 per pair, the earlier depth value in the
-    /// low half as `vdpbf16ps` pairs them), `pairs` per row after `lead` zeros, rows padded with
-    /// zeros to whole tiles. Row-major, so the conversion stores whole vectors; the micro-kernel
+    /// low half as `vdpbf16ps` and `tdpbf16ps` pair them), `pairs` per row after `lead` zeros,
+    /// rows padded with zeros to a multiple of `row_multiple` (whole tiles). Row-major, so the conversion stores whole vectors; the micro-kernel
     /// reads MR rows side by side, each sequentially.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    fn pack_a(a: &[f32], m: usize, len: usize, lead: usize, pairs: usize) -> Vec<u32> {
-        let mut packed = vec![0u32; m.div_ceil(MR) * MR * pairs];
+    pub(super) fn pack_a(
+        a: &[f32],
+        m: usize,
+        len: usize,
+        lead: usize,
+        pairs: usize,
+        row_multiple: usize,
+    ) -> Vec<u32> {
+        let mut packed = vec![0u32; m.div_ceil(row_multiple) * row_multiple * pairs];
         packed
             .par_chunks_mut(pairs.max(1))
             .take(m)
@@ -565,7 +830,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn portable_path_equals_the_avx512_path() {
+    fn portable_path_equals_the_fast_path() {
         if !has_avx512_bf16() {
             eprintln!("skipped: this CPU has no AVX-512 BF16, both calls take the portable path");
             return;
@@ -594,6 +859,54 @@ pub(super) mod tests {
                     &cols,
                     Some(&bias),
                     out,
+                    0.0,
+                );
+            }
+        }
+    }
+
+    /// On a CPU with AMX, where [`gemm`] takes the tiles, the AVX-512 kernel is checked too, and
+    /// both against the reference, on unrounded activations that both must round alike.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn amx_path_and_avx512_path_equal_the_reference() {
+        if !amx::available() {
+            eprintln!("skipped: this CPU (or kernel) offers no AMX tiles; gemm takes another path");
+            return;
+        }
+        let mut init = Initializer::new(41);
+        for (m, k, n) in SHAPES.into_iter().chain([(33, 64, 96), (40, 100, 49)]) {
+            let a = init.normal(m * k, 1.0);
+            let w = rounded(&mut init, n * k);
+            let b = PackedB::pack(n, k, |j, c| f32_to_bf16(w[j * k + c]));
+            let wf = |j: usize, c: usize| w[j * k + c];
+            let depth = usize::from(k >= 3)..k - usize::from(k >= 3);
+            let a = &a[..m * depth.len()];
+            let a_rounded: Vec<f32> = a.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
+            let cols = n / 3..n;
+            let bias = init.normal(cols.len(), 1.0);
+            for tiles in [true, false] {
+                let mut out = vec![f32::NAN; m * cols.len()];
+                // SAFETY: AMX (and with it AVX-512 BF16) is available, checked above; the
+                // operands fit, as `check_operands` confirms first.
+                check_operands(a, m, &depth, &b, &cols, Some(&bias), &out).unwrap();
+                unsafe {
+                    if tiles {
+                        amx::gemm(a, m, depth.clone(), &b, cols.clone(), Some(&bias), &mut out);
+                    } else {
+                        avx512::gemm(a, m, depth.clone(), &b, cols.clone(), Some(&bias), &mut out);
+                    }
+                }
+                let what = if tiles { "amx" } else { "avx512" };
+                check_against_reference(
+                    what,
+                    &a_rounded,
+                    m,
+                    &depth,
+                    &wf,
+                    &cols,
+                    Some(&bias),
+                    &out,
                     0.0,
                 );
             }
