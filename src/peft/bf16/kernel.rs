@@ -329,16 +329,32 @@ mod amx {
             let pairs_to = (pairs_from + per_group).min(sub_pairs);
             // SAFETY: the tile state is permitted (`available`); the configuration is per thread.
             unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+            let mut scratch = Scratch {
+                tails: [[0; T * NR * 2]; 2],
+                c: [0.0; T * T],
+            };
             for pair in pairs_from..pairs_to {
                 let s = subtiles.start + 2 * pair;
                 let second = (s + 1 < subtiles.end).then_some(s + 1);
                 // SAFETY: see `Product::block`; each job writes rows of its block and columns
                 // of its subtiles only.
-                unsafe { product.block(block * 2 * T, s, second, &out_ptr) };
+                unsafe { product.block(block * 2 * T, s, second, &out_ptr, &mut scratch) };
             }
             // SAFETY: releases this thread's tile state.
             unsafe { asm!("tilerelease", options(nostack, nomem)) };
         });
+    }
+
+    /// B rows past the last depth pair of a panel (only in the last depth tile) are read from
+    /// a zero-padded copy, so no load leaves the packed buffer; a missing second subtile reads
+    /// zeros.
+    static ZEROS: [u16; T * NR * 2] = [0; T * NR * 2];
+
+    /// A job's buffers, zeroed once per job rather than per 32 x 32 block: the tail copies of
+    /// the two B subtiles (rows past the panel's end stay zero) and an edge tile of C.
+    struct Scratch {
+        tails: [[u16; T * NR * 2]; 2],
+        c: [f32; T * T],
     }
 
     /// The operands of one call, shared by its jobs.
@@ -360,16 +376,19 @@ mod amx {
         /// # Safety
         /// The tiles must be configured as [`CONFIG`] on this thread; `out` must be `m x
         /// cols.len()` and this job the only writer of the rectangle.
-        unsafe fn block(&self, i0: usize, s: usize, second: Option<usize>, out: &SharedOut) {
-            // B rows past the last depth pair of the panel (only in the last depth tile) are
-            // read from a zero-padded copy, so no load leaves the packed buffer.
-            let mut tails = [[0u16; T * NR * 2]; 2];
-            let zeros = [0u16; T * NR * 2];
+        unsafe fn block(
+            &self,
+            i0: usize,
+            s: usize,
+            second: Option<usize>,
+            out: &SharedOut,
+            scratch: &mut Scratch,
+        ) {
             let panel_pairs = self.b.pairs();
             let tile_of =
                 |sub: Option<usize>, kt: usize, tail: &mut [u16; T * NR * 2]| -> *const u16 {
                     let Some(sub) = sub else {
-                        return zeros.as_ptr();
+                        return ZEROS.as_ptr();
                     };
                     let (panel, offset) = (sub * T / NR, sub * T % NR);
                     let pair0 = self.first_pair + kt * T;
@@ -396,7 +415,7 @@ mod amx {
                     options(nostack, nomem)
                 );
             }
-            let [tail0, tail1] = &mut tails;
+            let [tail0, tail1] = &mut scratch.tails;
             for kt in 0..self.k_tiles {
                 let b0 = tile_of(Some(s), kt, tail0);
                 let b1 = tile_of(second, kt, tail1);
@@ -423,40 +442,65 @@ mod amx {
                     );
                 }
             }
-            let mut scratch = [[0f32; T * T]; 4];
-            // SAFETY: each store writes 16 rows of 64 bytes into its scratch tile.
-            unsafe {
-                asm!(
-                    "tilestored [{c0} + {s}*1], tmm0",
-                    "tilestored [{c1} + {s}*1], tmm1",
-                    "tilestored [{c2} + {s}*1], tmm2",
-                    "tilestored [{c3} + {s}*1], tmm3",
-                    c0 = in(reg) scratch[0].as_mut_ptr(),
-                    c1 = in(reg) scratch[1].as_mut_ptr(),
-                    c2 = in(reg) scratch[2].as_mut_ptr(),
-                    c3 = in(reg) scratch[3].as_mut_ptr(),
-                    s = in(reg) T * 4,
-                    options(nostack),
-                );
-            }
             let width = self.cols.len();
-            for (t, tile) in scratch.iter().enumerate() {
+            for t in 0..4 {
                 let Some(sub) = (if t % 2 == 0 { Some(s) } else { second }) else {
                     continue;
                 };
                 let rows = i0 + (t / 2) * T..(i0 + (t / 2 + 1) * T).min(self.m);
+                if rows.is_empty() {
+                    continue;
+                }
                 let (lo, hi) = (
                     (sub * T).max(self.cols.start),
                     ((sub + 1) * T).min(self.cols.end),
                 );
+                // A whole tile goes straight into the output; an edge tile through scratch.
+                let whole = rows.len() == T && hi - lo == T;
+                let (dst, stride) = if whole {
+                    // SAFETY: rows and columns of the tile lie inside `out` (m x width).
+                    (
+                        unsafe { out.0.add(rows.start * width + lo - self.cols.start) },
+                        width * 4,
+                    )
+                } else {
+                    (scratch.c.as_mut_ptr(), T * 4)
+                };
+                // SAFETY: 16 rows of 64 bytes at `stride` from `dst`: this job's rectangle of
+                // `out`, or the scratch tile.
+                unsafe {
+                    match t {
+                        0 => {
+                            asm!("tilestored [{d} + {s}*1], tmm0", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                        }
+                        1 => {
+                            asm!("tilestored [{d} + {s}*1], tmm1", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                        }
+                        2 => {
+                            asm!("tilestored [{d} + {s}*1], tmm2", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                        }
+                        _ => {
+                            asm!("tilestored [{d} + {s}*1], tmm3", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                        }
+                    }
+                }
+                let bias = self
+                    .bias
+                    .map(|v| &v[lo - self.cols.start..hi - self.cols.start]);
                 for i in rows.clone() {
-                    let from = &tile[(i - rows.start) * T..];
-                    for j in lo..hi {
-                        let v =
-                            from[j - sub * T] + self.bias.map_or(0.0, |v| v[j - self.cols.start]);
-                        // SAFETY: row i < m and column j - cols.start < width, in this job's
-                        // rectangle.
-                        unsafe { *out.0.add(i * width + j - self.cols.start) = v };
+                    // SAFETY: row i < m, columns lo..hi inside this job's rectangle.
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out.0.add(i * width + lo - self.cols.start),
+                            hi - lo,
+                        )
+                    };
+                    if !whole {
+                        let from = (i - rows.start) * T + lo - sub * T;
+                        row.copy_from_slice(&scratch.c[from..from + hi - lo]);
+                    }
+                    if let Some(bias) = bias {
+                        row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
                     }
                 }
             }
