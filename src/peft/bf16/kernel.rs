@@ -70,15 +70,20 @@ pub fn has_avx512_bf16() -> bool {
 pub struct PackedB {
     cols: usize,
     depth: usize,
+    /// The panels, starting at `start`: the first element on a 64-byte boundary, so that a
+    /// panel row (96 bf16 values) and each 16-column part of it begins a cache line.
     data: Vec<u16>,
+    start: usize,
 }
 
 impl PackedB {
     /// Packs the bf16 values `value(j, c)`, panels in parallel.
     pub fn pack(cols: usize, depth: usize, value: impl Fn(usize, usize) -> u16 + Sync) -> Self {
         let panel_len = depth.div_ceil(2) * NR * 2;
-        let mut data = vec![0u16; cols.div_ceil(NR) * panel_len];
-        data.par_chunks_mut(panel_len.max(1))
+        let len = cols.div_ceil(NR) * panel_len;
+        let (mut data, start) = aligned_zeros::<u16>(len);
+        data[start..start + len]
+            .par_chunks_mut(panel_len.max(1))
             .enumerate()
             .for_each(|(p, panel)| {
                 let width = NR.min(cols - p * NR);
@@ -90,7 +95,12 @@ impl PackedB {
                     }
                 }
             });
-        PackedB { cols, depth, data }
+        PackedB {
+            cols,
+            depth,
+            data,
+            start,
+        }
     }
 
     /// Depth pairs per panel.
@@ -100,7 +110,7 @@ impl PackedB {
 
     /// `B(j, c)` as stored.
     pub fn get(&self, j: usize, c: usize) -> u16 {
-        self.data[((j / NR * self.pairs() + c / 2) * NR + j % NR) * 2 + c % 2]
+        self.panels()[((j / NR * self.pairs() + c / 2) * NR + j % NR) * 2 + c % 2]
     }
 
     /// Columns `cols` over the depth `depth` widened to f32, row-major `(cols.len(),
@@ -110,10 +120,25 @@ impl PackedB {
             .collect()
     }
 
+    /// The packed panels, from the aligned start.
+    fn panels(&self) -> &[u16] {
+        &self.data[self.start..]
+    }
+
     /// Bytes held, padding included.
     pub fn bytes(&self) -> usize {
         2 * self.data.len()
     }
+}
+
+/// `len` zeros in a vector with room to start them on a 64-byte boundary, and that start: the
+/// AMX tile loads read 64-byte rows, each two cache lines when misaligned. The vector is never
+/// grown, so its buffer (and the alignment) stays put.
+fn aligned_zeros<E: Copy + Default>(len: usize) -> (Vec<E>, usize) {
+    let size = std::mem::size_of::<E>();
+    let data = vec![E::default(); len + 64 / size];
+    let start = (64 - data.as_ptr() as usize % 64) % 64 / size;
+    (data, start)
 }
 
 /// `out[i][j - cols.start] = sum over c in depth of a[i][c - depth.start] * B(j, c)`, plus
@@ -304,7 +329,8 @@ mod amx {
         // A's pairs padded with zeros to whole tiles, its rows to whole 32-row blocks.
         let a_pairs = k_tiles * T;
         // SAFETY: the CPU has AVX-512 BF16 (part of `available`).
-        let packed_a = unsafe { avx512::pack_a(a, m, depth.len(), lead, a_pairs, 2 * T) };
+        let (packed_a, a_start) =
+            unsafe { avx512::pack_a(a, m, depth.len(), lead, a_pairs, 2 * T) };
         let subtiles = cols.start / T..cols.end.div_ceil(T);
         let sub_pairs = subtiles.len().div_ceil(2);
         let blocks = m.div_ceil(2 * T);
@@ -314,7 +340,7 @@ mod amx {
         let per_group = sub_pairs.div_ceil(groups);
         let out_ptr = SharedOut(out.as_mut_ptr());
         let product = Product {
-            packed_a: &packed_a,
+            packed_a: &packed_a[a_start..],
             a_pairs,
             m,
             b,
@@ -394,12 +420,12 @@ mod amx {
                     let pair0 = self.first_pair + kt * T;
                     let panel_at = panel * panel_pairs * NR * 2;
                     if pair0 + T <= panel_pairs {
-                        return self.b.data[panel_at + pair0 * NR * 2 + offset * 2..].as_ptr();
+                        return self.b.panels()[panel_at + pair0 * NR * 2 + offset * 2..].as_ptr();
                     }
                     for r in 0..panel_pairs.saturating_sub(pair0) {
                         let from = panel_at + (pair0 + r) * NR * 2 + offset * 2;
                         tail[r * NR * 2..r * NR * 2 + 2 * T]
-                            .copy_from_slice(&self.b.data[from..from + 2 * T]);
+                            .copy_from_slice(&self.b.panels()[from..from + 2 * T]);
                     }
                     tail.as_ptr()
                 };
@@ -542,7 +568,8 @@ mod avx512 {
         let first_pair = depth.start / 2;
         let pairs = (lead + depth.len()).div_ceil(2);
         let tiles = m.div_ceil(MR);
-        let packed_a = pack_a(a, m, depth.len(), lead, pairs, MR);
+        let (packed_a, a_start) = pack_a(a, m, depth.len(), lead, pairs, MR);
+        let packed_a = &packed_a[a_start..];
         let panels = cols.start / NR..cols.end.div_ceil(NR);
         let blocks = tiles.div_ceil(TILES_PER_JOB);
         // Enough jobs for every thread to get several (few rows: split the panels instead).
@@ -563,7 +590,7 @@ mod avx512 {
                 // SAFETY: `first_pair + pairs <= b.pairs()` since depth.end <= b.depth, and the
                 // panel exists since j0 < cols.end <= b.cols.
                 let b_at = unsafe {
-                    b.data
+                    b.panels()
                         .as_ptr()
                         .add(panel * b_panel_len + first_pair * NR * 2)
                 };
@@ -604,7 +631,8 @@ mod avx512 {
 
     /// A (`m x len`) as rows of bf16 pairs (one u32 per pair, the earlier depth value in the
     /// low half as `vdpbf16ps` and `tdpbf16ps` pair them), `pairs` per row after `lead` zeros,
-    /// rows padded with zeros to a multiple of `row_multiple` (whole tiles). Row-major, so the conversion stores whole vectors; the micro-kernel
+    /// rows padded with zeros to a multiple of `row_multiple` (whole tiles); the rows start at
+    /// the returned index, on a 64-byte boundary. Row-major, so the conversion stores whole vectors; the micro-kernel
     /// reads MR rows side by side, each sequentially.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) fn pack_a(
@@ -614,9 +642,10 @@ mod avx512 {
         lead: usize,
         pairs: usize,
         row_multiple: usize,
-    ) -> Vec<u32> {
-        let mut packed = vec![0u32; m.div_ceil(row_multiple) * row_multiple * pairs];
-        packed
+    ) -> (Vec<u32>, usize) {
+        let packed_len = m.div_ceil(row_multiple) * row_multiple * pairs;
+        let (mut packed, start) = super::aligned_zeros::<u32>(packed_len);
+        packed[start..start + packed_len]
             .par_chunks_mut(pairs.max(1))
             .take(m)
             .enumerate()
@@ -630,7 +659,7 @@ mod avx512 {
                 // The closure inherits this function's target features.
                 round_row(&a[i * len..(i + 1) * len], &mut row16[lead..lead + len]);
             });
-        packed
+        (packed, start)
     }
 
     /// `out[i] = bf16(row[i])`, 32 at a time (`vcvtne2ps2bf16`: round to nearest even; unlike
