@@ -240,6 +240,17 @@ fn check_operands(
     Ok(())
 }
 
+/// The output of one product shared by its parallel jobs (both x86 kernels), each of which
+/// writes its own rectangle of it.
+#[cfg(target_arch = "x86_64")]
+struct SharedOut(*mut f32);
+// SAFETY: jobs write disjoint rectangles (distinct row blocks, panels or subtiles), and the
+// buffer outlives the parallel loop that uses the pointer.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for SharedOut {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for SharedOut {}
+
 /// The same product on AMX tiles (Intel Sapphire Rapids and later), where `vdpbf16ps` is no
 /// faster than f32 FMAs but one `tdpbf16ps` multiplies a 16 x 32 bf16 tile of A by a 32 x 16
 /// tile of B into a 16 x 16 f32 tile. A is packed as for AVX-512 (rows of bf16 pairs, padded
@@ -248,7 +259,7 @@ fn check_operands(
 /// subtiles: four accumulator tiles, two of A and two of B, the eight tile registers.
 #[cfg(target_arch = "x86_64")]
 mod amx {
-    use super::{avx512, PackedB, NR};
+    use super::{avx512, PackedB, SharedOut, NR};
     use rayon::prelude::*;
     use std::arch::asm;
     use std::ops::Range;
@@ -302,13 +313,6 @@ mod amx {
             }
         })
     }
-
-    /// The output shared by the parallel jobs, each of which writes its own rectangle of it.
-    struct SharedOut(*mut f32);
-    // SAFETY: jobs write disjoint rectangles (distinct row blocks or distinct subtiles), and the
-    // buffer outlives the parallel loop that uses the pointer.
-    unsafe impl Sync for SharedOut {}
-    unsafe impl Send for SharedOut {}
 
     /// See [`super::gemm`].
     ///
@@ -536,17 +540,10 @@ mod amx {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{PackedB, MR, NR, TILES_PER_JOB};
+    use super::{PackedB, SharedOut, MR, NR, TILES_PER_JOB};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
     use std::ops::Range;
-
-    /// The output shared by the parallel jobs, each of which writes its own rectangle of it.
-    struct SharedOut(*mut f32);
-    // SAFETY: jobs write disjoint rectangles (distinct row blocks or distinct panels), and the
-    // buffer outlives the parallel loop that uses the pointer.
-    unsafe impl Sync for SharedOut {}
-    unsafe impl Send for SharedOut {}
 
     /// See [`super::gemm`].
     ///
