@@ -203,15 +203,15 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
     if cfg.batch_size == 0 || cfg.seq_len < 8 || cfg.max_steps == 0 {
         bail!("batch_size and max_steps must be positive and seq_len at least 8");
     }
-    OptimiserSettings {
+    let optimiser = OptimiserSettings {
         lr: cfg.lr,
         weight_decay: cfg.weight_decay,
         beta1: 0.9,
         beta2: 0.999,
         eps: 1e-8,
         max_grad_norm: cfg.max_grad_norm,
-    }
-    .validate()?;
+    };
+    optimiser.validate()?;
     let device = crate::device::parse_device(&cfg.device)?;
     crate::device::seed_generator(&device, cfg.seed)?;
     let started = Instant::now();
@@ -270,7 +270,13 @@ pub fn run(cfg: &PretrainConfig, resume: bool) -> Result<PretrainSummary> {
         );
     }
     println!("parameters: {}", params.num_params());
-    let mut opt = AdamW::new(params.trainable(), 0.9, 0.999, 1e-8, cfg.weight_decay)?;
+    let mut opt = AdamW::new(
+        params.trainable(),
+        optimiser.beta1,
+        optimiser.beta2,
+        optimiser.eps,
+        optimiser.weight_decay,
+    )?;
     let mut state = if resume {
         load_checkpoint(&cfg.out, &params, &mut opt)?
     } else {
