@@ -4,9 +4,10 @@
 
 use std::cell::Cell;
 
+use crate::peft::bf16::Precision;
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result,
-    Shape, Tensor, WithDType, D,
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout,
+    Result, Shape, Tensor, WithDType, D,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -543,37 +544,74 @@ pub(crate) fn product<S: BackendStorage>(
 /// full fine-tuning this cost about a quarter of a step at 2 threads. Here the product is one op
 /// whose backward writes `grad^T x` as (out, in) directly and sums the bias gradient in parallel
 /// blocks; gradients go only to the operands that are trained or lead to something trained.
-pub fn trained_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+///
+/// With [`Precision::Bf16`] the three products (forward, input and weight gradient) round their
+/// operands to bf16 and sum in f32 ([`crate::peft::bf16::trained`]), while w, its gradient and
+/// the bias stay f32: mixed-precision full fine-tuning. The plain composition of that casts x and
+/// w to bf16 for candle's matmul (cuBLAS's bf16 GEMM on a GPU) and the product back to f32.
+pub fn trained_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    precision: Precision,
+) -> Result<Tensor> {
     if !fused_for(x) {
-        let y = x.matmul(&w.t()?)?;
+        let y = match precision {
+            Precision::F32 => x.matmul(&w.t()?)?,
+            Precision::Bf16 => x
+                .to_dtype(DType::BF16)?
+                .matmul(&w.to_dtype(DType::BF16)?.t()?)?
+                .to_dtype(x.dtype())?,
+        };
         return match bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         };
     }
+    let op = TrainedLinear { precision };
+    // The bf16 kernel reads x's rows in place.
+    let x = &x.contiguous()?;
     match bias {
-        Some(b) => x.apply_op3(w, b, TrainedLinear),
-        None => x.apply_op2(w, TrainedLinear),
+        Some(b) => x.apply_op3(w, b, op),
+        None => x.apply_op2(w, op),
     }
 }
 
 /// `x @ w^T (+ b)` with gradients for whichever operands are tracked (see [`trained_linear`]).
-struct TrainedLinear;
+struct TrainedLinear {
+    precision: Precision,
+}
 
 impl TrainedLinear {
     /// The gradients of x (when tracked), w (when tracked) and the bias (when there is one
     /// and it is tracked) for the upstream gradient `grad` (n, out).
     fn grads(
+        &self,
         x: &Tensor,
         w: &Tensor,
         bias: Option<&Tensor>,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = x.track_op().then(|| grad.matmul(&w.detach())).transpose()?;
-        let dw = w
-            .track_op()
-            .then(|| grad.t()?.matmul(&x.detach()))
-            .transpose()?;
+        use crate::peft::bf16::trained::GradProduct;
+        let (dx, dw) = match self.precision {
+            Precision::F32 => (
+                x.track_op().then(|| grad.matmul(&w.detach())).transpose()?,
+                w.track_op()
+                    .then(|| grad.t()?.matmul(&x.detach()))
+                    .transpose()?,
+            ),
+            Precision::Bf16 => {
+                let grad = grad.contiguous()?;
+                (
+                    x.track_op()
+                        .then(|| grad.apply_op2_no_bwd(&w.detach(), &GradProduct::Input))
+                        .transpose()?,
+                    w.track_op()
+                        .then(|| grad.apply_op2_no_bwd(&x.detach(), &GradProduct::Weight))
+                        .transpose()?,
+                )
+            }
+        };
         let db = match bias.filter(|b| b.track_op()) {
             Some(b) => Some(column_sums(&grad.contiguous()?)?.reshape(b.shape())?),
             None => None,
@@ -636,6 +674,9 @@ impl CustomOp2 for TrainedLinear {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.precision == Precision::Bf16 {
+            return crate::peft::bf16::trained::forward_on_storage((x, xl), (w, wl), None);
+        }
         let (y, shape) = product(x, xl, w, wl)?;
         Ok((y, Shape::from(shape)))
     }
@@ -647,7 +688,7 @@ impl CustomOp2 for TrainedLinear {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = Self::grads(x, w, None, grad)?;
+        let (dx, dw, _) = self.grads(x, w, None, grad)?;
         Ok((dx, dw))
     }
 }
@@ -666,6 +707,9 @@ impl CustomOp3 for TrainedLinear {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.precision == Precision::Bf16 {
+            return crate::peft::bf16::trained::forward_on_storage((x, xl), (w, wl), Some((b, bl)));
+        }
         let (mut y, (n, out)) = product(x, xl, w, wl)?;
         add_bias_rows(&mut y, out, b, bl)?;
         Ok((y, Shape::from((n, out))))
@@ -679,7 +723,7 @@ impl CustomOp3 for TrainedLinear {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Self::grads(x, w, Some(b), grad)
+        self.grads(x, w, Some(b), grad)
     }
 }
 
@@ -910,9 +954,11 @@ mod tests {
                     };
                     let (xt, wt) = (pick(&x, x_tracked), pick(&w, w_tracked));
                     let bt = bias.map(|tracked| pick(&b, tracked));
-                    let fused = trained_linear(&xt, &wt, bt.as_ref()).unwrap();
-                    let plain =
-                        with_plain_kernels(|| trained_linear(&xt, &wt, bt.as_ref())).unwrap();
+                    let fused = trained_linear(&xt, &wt, bt.as_ref(), Precision::F32).unwrap();
+                    let plain = with_plain_kernels(|| {
+                        trained_linear(&xt, &wt, bt.as_ref(), Precision::F32)
+                    })
+                    .unwrap();
                     assert_eq!(fused.dims(), &[n, out]);
                     assert!(
                         max_rel(&fused, &plain) < tol,

@@ -897,7 +897,8 @@ fn prepare_bed_cuts_labelled_regions_with_their_chromosomes() {
 }
 
 #[test]
-fn precision_bf16_reaches_predict_and_bench_and_is_refused_without_a_frozen_base() {
+fn precision_bf16_reaches_predict_bench_and_full_fine_tuning_and_is_refused_with_a_quantized_base()
+{
     let tmp = TempDir::new().unwrap();
     let model = tiny_model(tmp.path());
     let m = s(&model);
@@ -967,13 +968,21 @@ fn precision_bf16_reaches_predict_and_bench_and_is_refused_without_a_frozen_base
         "bench",
         "--model",
         m,
+        "--json",
         "--method",
         "full",
         "--precision",
         "bf16",
     ];
     args.extend(small);
-    assert_fails_with(&dnatune(&args), &["bf16", "full fine-tuning"]);
+    let out = dnatune(&args);
+    assert_ok(&out);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&json["precision"], &json["method"]),
+        (&"bf16".into(), &"full".into()),
+        "{json}"
+    );
     let data = small_gue(tmp.path(), 20, &["train", "dev", "test"]);
     let run = tmp.path().join("run");
     let out = dnatune(&[

@@ -252,8 +252,9 @@ struct TrainArgs {
     adapter: Option<PathBuf>,
     #[arg(long, value_enum)]
     method: Option<Method>,
-    /// bf16: hold the frozen base's linear weights in bfloat16 (LoRA only; AVX-512 BF16 kernel
-    /// where the CPU has it, bf16 matmul on CUDA).
+    /// bf16: the base's linear products in bfloat16 (AMX or AVX-512 BF16 kernel where the CPU
+    /// has it, bf16 matmul on CUDA): LoRA holds the frozen base in bf16, full fine-tuning keeps
+    /// f32 master weights. Not with QLoRA.
     #[arg(long, value_enum)]
     precision: Option<Precision>,
     #[arg(long)]
@@ -588,7 +589,7 @@ struct BenchArgs {
     seq_len: usize,
     #[arg(long, value_enum, default_value = "lora")]
     method: Method,
-    /// bf16: the frozen base's linear weights in bfloat16 (lora, or --infer).
+    /// bf16: the base's linear products in bfloat16 (full, lora, or --infer).
     #[arg(
         long,
         value_enum,

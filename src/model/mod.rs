@@ -203,21 +203,11 @@ impl Default for LoadOptions {
     }
 }
 
-/// `--precision bf16` stores the frozen base in bf16: it needs a frozen base, and a quantized one
-/// is already below bf16.
+/// `--precision bf16` keeps the base's products in bf16 (the frozen base stored in bf16, or a
+/// trained one multiplied in bf16); a quantized base is already below bf16.
 fn check_precision(opts: &LoadOptions) -> Result<()> {
     use crate::peft::bf16::Precision;
-    if opts.precision == Precision::F32 {
-        return Ok(());
-    }
-    if opts.trainable == Trainable::All {
-        bail!(
-            "--precision {} stores the frozen base in bf16, but full fine-tuning trains every \
-             weight: use it with LoRA, or for predict/eval",
-            opts.precision
-        );
-    }
-    if let Some(kind) = opts.quantize {
+    if let (Precision::Bf16, Some(kind)) = (opts.precision, opts.quantize) {
         bail!(
             "--precision {} cannot be combined with a {kind}-quantized base (QLoRA already stores \
              the frozen base below bf16)",

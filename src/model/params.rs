@@ -219,6 +219,16 @@ impl ParamBuilder {
             && !name.contains(".lora_")
     }
 
+    /// Whether the linear weight `name` trains in f32 with its products in bf16 (full
+    /// fine-tuning under `--precision bf16`): trained, not a head, not an adapter. Heads are
+    /// small and stay f32 throughout, as in a LoRA run.
+    pub fn bf16_products_for(&self, name: &str) -> bool {
+        self.precision == Precision::Bf16
+            && self.is_trainable(name)
+            && !is_head(name)
+            && !name.contains(".lora_")
+    }
+
     /// Like [`Self::get`], then rounds the tensor to bf16 and keeps only the bf16 copy.
     pub fn get_bf16(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Arc<Bf16Weight>> {
         let dense = self.take_for_conversion(name, shape, init)?;

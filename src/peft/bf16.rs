@@ -6,8 +6,11 @@
 //! (relative rounding error at most 2^-8), halves the weight's memory and memory traffic, and on
 //! CPUs with AVX-512 BF16 runs the products at twice the f32 FMA rate ([`kernel`]). On CUDA the
 //! weight is a bf16 tensor multiplied by candle's (cuBLAS) bf16 matmul: mixed precision.
+//! Full fine-tuning under `--precision bf16` keeps its weights f32 and runs only the products
+//! on the kernel ([`trained`]).
 
 pub mod kernel;
+pub(crate) mod trained;
 
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};

@@ -17,7 +17,7 @@ use candle_core::Tensor;
 
 use crate::model::params::{Init, ParamBuilder};
 use crate::ops::{frozen_linear, trained_linear, ForwardCtx};
-use bf16::Bf16Weight;
+use bf16::{Bf16Weight, Precision};
 use quant::QuantizedWeight;
 
 /// LoRA hyper-parameters, as in PEFT's `LoraConfig`.
@@ -53,10 +53,12 @@ pub struct LoraAdapter {
     pub dropout: f64,
 }
 
-/// The base weight W (out, in) of a linear layer: f32 (trainable or frozen), frozen and
-/// quantized for QLoRA, or frozen in bf16 (`--precision bf16`).
+/// The base weight W (out, in) of a linear layer: f32 (trainable or frozen), trained in f32 with
+/// its products in bf16 (full fine-tuning under `--precision bf16`), frozen and quantized for
+/// QLoRA, or frozen in bf16 (LoRA under `--precision bf16`).
 pub enum LinearBase {
     Dense(Tensor),
+    Bf16Products(Tensor),
     Quantized(Arc<QuantizedWeight>),
     Bf16(Arc<Bf16Weight>),
 }
@@ -90,6 +92,9 @@ impl Linear {
             )?),
             None if b.bf16_for(&weight_name) => {
                 LinearBase::Bf16(b.get_bf16(&weight_name, &shape, Init::Normal(std))?)
+            }
+            None if b.bf16_products_for(&weight_name) => {
+                LinearBase::Bf16Products(b.get(&weight_name, &shape, Init::Normal(std))?)
             }
             None => LinearBase::Dense(b.get(&weight_name, &shape, Init::Normal(std))?),
         };
@@ -149,9 +154,14 @@ impl Linear {
         // The frozen products add a frozen bias themselves and `trained_linear` any bias; a trained
         // bias on a quantized or bf16 base is added here.
         let (mut y, bias_added) = match &self.base {
-            LinearBase::Dense(w) if w.is_variable() || trained_bias => {
-                (trained_linear(&x2, w, self.bias.as_ref())?, true)
-            }
+            LinearBase::Dense(w) if w.is_variable() || trained_bias => (
+                trained_linear(&x2, w, self.bias.as_ref(), Precision::F32)?,
+                true,
+            ),
+            LinearBase::Bf16Products(w) => (
+                trained_linear(&x2, w, self.bias.as_ref(), Precision::Bf16)?,
+                true,
+            ),
             LinearBase::Dense(w) => (frozen_linear(&x2, w, frozen_bias)?, true),
             LinearBase::Quantized(q) => (
                 quant::quantized_linear(&x2, q, full, frozen_bias)?,
@@ -180,7 +190,7 @@ impl Linear {
     /// Output features (rows of W).
     pub fn out_dim(&self) -> usize {
         match &self.base {
-            LinearBase::Dense(w) => w.dims()[0],
+            LinearBase::Dense(w) | LinearBase::Bf16Products(w) => w.dims()[0],
             LinearBase::Quantized(q) => q.shape().0,
             LinearBase::Bf16(w) => w.shape().0,
         }

@@ -386,15 +386,12 @@ impl TrainConfig {
                 crate::eval::Metrics::NAMES
             );
         }
-        if self.precision == crate::peft::bf16::Precision::Bf16 && self.method != Method::Lora {
+        if self.precision == crate::peft::bf16::Precision::Bf16 && self.method.quantize().is_some()
+        {
             bail!(
-                "precision bf16 stores the frozen base of a LoRA run in bf16; method {} has {}",
-                self.method.name(),
-                if self.method == Method::Full {
-                    "no frozen base"
-                } else {
-                    "a quantized one already"
-                }
+                "precision bf16 keeps the base's products in bf16; method {} already stores the \
+                 frozen base quantized, below bf16",
+                self.method.name()
             );
         }
         use crate::data::similarity::{MAX_KMER, MIN_KMER};

@@ -141,6 +141,25 @@ fn aligned_zeros<E: Copy + Default>(len: usize) -> (Vec<E>, usize) {
     (data, start)
 }
 
+/// The left operand A (`m x depth.len()`) of a product, in one of the two layouts it comes in.
+/// Either is rounded to bf16 pairs when the product packs it, so neither costs a transposed copy.
+#[derive(Clone, Copy)]
+pub enum Left<'a> {
+    /// Row-major: `a[i * depth + c]`, as activations and upstream gradients lie.
+    Rows(&'a [f32]),
+    /// Column-major, i.e. A^T row-major: `a[c * m + i]`. A weight gradient `g^T x` multiplies
+    /// the transpose of the upstream gradient g (n x out), which is g read by columns.
+    Columns(&'a [f32]),
+}
+
+impl<'a> Left<'a> {
+    fn values(&self) -> &'a [f32] {
+        match *self {
+            Left::Rows(a) | Left::Columns(a) => a,
+        }
+    }
+}
+
 /// `out[i][j - cols.start] = sum over c in depth of a[i][c - depth.start] * B(j, c)`, plus
 /// `bias[j - cols.start]`, for the `m` rows of `a` (row-major `m x depth.len()`) and `j` in
 /// `cols`; `out` is row-major `m x cols.len()`. A is rounded to bf16, the sums are f32. Runs
@@ -155,7 +174,21 @@ pub fn gemm(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> candle_core::Result<()> {
-    check_operands(a, m, &depth, b, &cols, bias, out)?;
+    gemm_of(Left::Rows(a), m, depth, b, cols, bias, out)
+}
+
+/// [`gemm`] with A in either layout.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_of(
+    a: Left,
+    m: usize,
+    depth: Range<usize>,
+    b: &PackedB,
+    cols: Range<usize>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> candle_core::Result<()> {
+    check_operands(a.values(), m, &depth, b, &cols, bias, out)?;
     #[cfg(target_arch = "x86_64")]
     if amx::available() {
         // SAFETY: the CPU has AMX-BF16 and AVX-512 BF16 and the process may use the tiles
@@ -177,7 +210,7 @@ pub fn gemm(
 /// time, multiplied by candle's f32 GEMM (the same products, summed in another order).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_portable(
-    a: &[f32],
+    a: Left,
     m: usize,
     depth: Range<usize>,
     b: &PackedB,
@@ -185,9 +218,14 @@ pub fn gemm_portable(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> candle_core::Result<()> {
-    check_operands(a, m, &depth, b, &cols, bias, out)?;
-    let rounded: Vec<f32> = a.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
-    let a = Tensor::from_vec(rounded, (m, depth.len()), &Device::Cpu)?;
+    check_operands(a.values(), m, &depth, b, &cols, bias, out)?;
+    let k = depth.len();
+    let round = |v: f32| bf16_to_f32(f32_to_bf16(v));
+    let rounded: Vec<f32> = match a {
+        Left::Rows(a) => a.iter().map(|&v| round(v)).collect(),
+        Left::Columns(a) => (0..m * k).map(|at| round(a[at % k * m + at / k])).collect(),
+    };
+    let a = Tensor::from_vec(rounded, (m, k), &Device::Cpu)?;
     let step = (PORTABLE_TILE / depth.len().max(1)).max(1);
     let width = cols.len();
     for j0 in cols.clone().step_by(step) {
@@ -259,7 +297,7 @@ unsafe impl Send for SharedOut {}
 /// subtiles: four accumulator tiles, two of A and two of B, the eight tile registers.
 #[cfg(target_arch = "x86_64")]
 mod amx {
-    use super::{avx512, PackedB, SharedOut, NR};
+    use super::{avx512, Left, PackedB, SharedOut, NR};
     use rayon::prelude::*;
     use std::arch::asm;
     use std::ops::Range;
@@ -319,7 +357,7 @@ mod amx {
     /// # Safety
     /// [`available`] must be true, and the operands must satisfy [`super::check_operands`].
     pub(super) unsafe fn gemm(
-        a: &[f32],
+        a: Left,
         m: usize,
         depth: Range<usize>,
         b: &PackedB,
@@ -540,7 +578,7 @@ mod amx {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{PackedB, SharedOut, MR, NR, TILES_PER_JOB};
+    use super::{Left, PackedB, SharedOut, MR, NR, TILES_PER_JOB};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
     use std::ops::Range;
@@ -552,7 +590,7 @@ mod avx512 {
     /// [`super::check_operands`].
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn gemm(
-        a: &[f32],
+        a: Left,
         m: usize,
         depth: Range<usize>,
         b: &PackedB,
@@ -633,7 +671,7 @@ mod avx512 {
     /// reads MR rows side by side, each sequentially.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) fn pack_a(
-        a: &[f32],
+        a: Left,
         m: usize,
         len: usize,
         lead: usize,
@@ -642,21 +680,80 @@ mod avx512 {
     ) -> (Vec<u32>, usize) {
         let packed_len = m.div_ceil(row_multiple) * row_multiple * pairs;
         let (mut packed, start) = super::aligned_zeros::<u32>(packed_len);
-        packed[start..start + packed_len]
-            .par_chunks_mut(pairs.max(1))
-            .take(m)
-            .enumerate()
-            .with_min_len(8)
-            .for_each(|(i, row)| {
-                // SAFETY: the same memory viewed as twice as many u16 (a weaker alignment, any
-                // bit pattern valid), borrowed exclusively like `row`.
-                let row16: &mut [u16] = unsafe {
-                    std::slice::from_raw_parts_mut(row.as_mut_ptr().cast(), 2 * row.len())
-                };
-                // The closure inherits this function's target features.
-                round_row(&a[i * len..(i + 1) * len], &mut row16[lead..lead + len]);
-            });
+        let rows = &mut packed[start..start + packed_len];
+        match a {
+            Left::Rows(a) => rows
+                .par_chunks_mut(pairs.max(1))
+                .take(m)
+                .enumerate()
+                .with_min_len(8)
+                .for_each(|(i, row)| {
+                    // The closure inherits this function's target features.
+                    round_row(
+                        &a[i * len..(i + 1) * len],
+                        &mut as_u16(row)[lead..lead + len],
+                    );
+                }),
+            Left::Columns(a) => rows
+                .par_chunks_mut((COLUMN_BLOCK * pairs).max(1))
+                .take(m.div_ceil(COLUMN_BLOCK))
+                .enumerate()
+                .for_each(|(block, rows)| {
+                    let i0 = block * COLUMN_BLOCK;
+                    let n = COLUMN_BLOCK.min(m - i0);
+                    // SAFETY: the CPU has this function's features, inherited by the closure;
+                    // rows `i0..i0 + n` of A are columns of `a` (len x m), and `rows` holds `n`
+                    // rows of `pairs >= lead + len` pairs.
+                    unsafe { round_columns(a, m, len, i0, n, lead, pairs, as_u16(rows)) };
+                }),
+        }
         (packed, start)
+    }
+
+    /// Rows of A that one job of [`pack_a`] takes from a column-major A: one 64-byte line of
+    /// each of A^T's rows.
+    const COLUMN_BLOCK: usize = 16;
+
+    /// Packed pairs (u32) viewed as twice as many u16, the layout the conversions write.
+    fn as_u16(pairs: &mut [u32]) -> &mut [u16] {
+        // SAFETY: the same memory with a weaker alignment, any bit pattern valid, borrowed
+        // exclusively like `pairs`.
+        unsafe { std::slice::from_raw_parts_mut(pairs.as_mut_ptr().cast(), 2 * pairs.len()) }
+    }
+
+    /// Rows `i0..i0 + n` (n <= 16) of A, read from `a` = A^T (len x m, row-major), rounded into
+    /// `rows` (n rows of `2 * pairs` u16, each from `lead` on): one masked 16-lane load per depth
+    /// value, the 16 roundings scattered to their rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and BF16; `a` must hold `len * m` values, `i0 + n <= m`,
+    /// and `rows` `n * 2 * pairs` values with `lead + len <= 2 * pairs`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn round_columns(
+        a: &[f32],
+        m: usize,
+        len: usize,
+        i0: usize,
+        n: usize,
+        lead: usize,
+        pairs: usize,
+        rows: &mut [u16],
+    ) {
+        debug_assert!(n <= COLUMN_BLOCK && i0 + n <= m && a.len() == len * m);
+        let mask: __mmask16 = if n >= 16 { 0xffff } else { (1u16 << n) - 1 };
+        let mut lanes = [0u16; COLUMN_BLOCK];
+        for c in 0..len {
+            // SAFETY: lanes i0..i0 + n of A^T's row c exist; the mask leaves the others unread.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(c * m + i0));
+                let bf16: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(lanes.as_mut_ptr().cast(), bf16);
+            }
+            for (r, &lane) in lanes[..n].iter().enumerate() {
+                rows[r * 2 * pairs + lead + c] = lane;
+            }
+        }
     }
 
     /// `out[i] = bf16(row[i])`, 32 at a time (`vcvtne2ps2bf16`: round to nearest even; unlike
@@ -847,6 +944,17 @@ pub(super) mod tests {
         }
     }
 
+    /// The (cols, rows) transpose of a row-major (rows, cols) matrix.
+    fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        (0..rows * cols)
+            .map(|at| a[at % rows * cols + at / rows])
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
     /// Shapes: K = 1, odd M/N/K, less than one tile or panel, several panels and job blocks,
     /// column windows that start and end inside a panel, and depth windows with odd starts.
     const SHAPES: [(usize, usize, usize); 8] = [
@@ -871,11 +979,21 @@ pub(super) mod tests {
             assert_eq!(b.widen(0..n, 0..k), w, "packing round trip");
             let bias_all = init.normal(n, 1.0);
             // Whole width; a window starting and ending inside panels; a single column.
+            let a_t = transpose(&a, m, k);
             for cols in [0..n, n / 3..n - n / 4, n - 1..n] {
                 for bias in [None, Some(&bias_all[cols.clone()])] {
                     let mut out = vec![f32::NAN; m * cols.len()];
                     gemm(&a, m, 0..k, &b, cols.clone(), bias, &mut out).unwrap();
                     check_against_reference("gemm", &a, m, &(0..k), &wf, &cols, bias, &out, 0.0);
+                    // A by columns: the same bf16 values summed in the same order.
+                    let mut by_columns = vec![f32::NAN; m * cols.len()];
+                    let a_t = Left::Columns(&a_t);
+                    gemm_of(a_t, m, 0..k, &b, cols.clone(), bias, &mut by_columns).unwrap();
+                    assert_eq!(
+                        bits(&by_columns),
+                        bits(&out),
+                        "A by columns, {m} x {k} x {n}"
+                    );
                 }
             }
             // A depth window (the input gradient of a row block): A covers depth 1..k-1 only.
@@ -895,6 +1013,11 @@ pub(super) mod tests {
                     &out,
                     0.0,
                 );
+                let a_t = transpose(&a, m, depth.len());
+                let mut by_columns = vec![f32::NAN; m * n];
+                let a_t = Left::Columns(&a_t);
+                gemm_of(a_t, m, depth.clone(), &b, 0..n, None, &mut by_columns).unwrap();
+                assert_eq!(bits(&by_columns), bits(&out), "depth window by columns");
             }
         }
     }
@@ -916,7 +1039,33 @@ pub(super) mod tests {
             let mut fast = vec![f32::NAN; m * cols.len()];
             let mut portable = vec![f32::NAN; m * cols.len()];
             gemm(&a, m, 0..k, &b, cols.clone(), Some(&bias), &mut fast).unwrap();
-            gemm_portable(&a, m, 0..k, &b, cols.clone(), Some(&bias), &mut portable).unwrap();
+            gemm_portable(
+                Left::Rows(&a),
+                m,
+                0..k,
+                &b,
+                cols.clone(),
+                Some(&bias),
+                &mut portable,
+            )
+            .unwrap();
+            let a_t = transpose(&a, m, k);
+            let mut portable_columns = vec![f32::NAN; m * cols.len()];
+            gemm_portable(
+                Left::Columns(&a_t),
+                m,
+                0..k,
+                &b,
+                cols.clone(),
+                Some(&bias),
+                &mut portable_columns,
+            )
+            .unwrap();
+            assert_eq!(
+                bits(&portable_columns),
+                bits(&portable),
+                "portable, A by columns"
+            );
             let a_rounded: Vec<f32> = a.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
             let wf = |j: usize, c: usize| w[j * k + c];
             for (what, out) in [("avx512", &fast), ("portable", &portable)] {
@@ -955,18 +1104,25 @@ pub(super) mod tests {
             let a_rounded: Vec<f32> = a.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
             let cols = n / 3..n;
             let bias = init.normal(cols.len(), 1.0);
+            let a_t = transpose(a, m, depth.len());
             for tiles in [true, false] {
-                let mut out = vec![f32::NAN; m * cols.len()];
-                // SAFETY: AMX (and with it AVX-512 BF16) is available, checked above; the
-                // operands fit, as `check_operands` confirms first.
-                check_operands(a, m, &depth, &b, &cols, Some(&bias), &out).unwrap();
-                unsafe {
-                    if tiles {
-                        amx::gemm(a, m, depth.clone(), &b, cols.clone(), Some(&bias), &mut out);
-                    } else {
-                        avx512::gemm(a, m, depth.clone(), &b, cols.clone(), Some(&bias), &mut out);
+                let run = |left: Left| {
+                    let mut out = vec![f32::NAN; m * cols.len()];
+                    check_operands(a, m, &depth, &b, &cols, Some(&bias), &out).unwrap();
+                    let (d, c, bias) = (depth.clone(), cols.clone(), Some(bias.as_slice()));
+                    // SAFETY: AMX (and with it AVX-512 BF16) is available, checked above; the
+                    // operands fit, as `check_operands` confirmed.
+                    unsafe {
+                        if tiles {
+                            amx::gemm(left, m, d, &b, c, bias, &mut out);
+                        } else {
+                            avx512::gemm(left, m, d, &b, c, bias, &mut out);
+                        }
                     }
-                }
+                    out
+                };
+                let out = run(Left::Rows(a));
+                assert_eq!(bits(&run(Left::Columns(&a_t))), bits(&out), "A by columns");
                 let what = if tiles { "amx" } else { "avx512" };
                 check_against_reference(
                     what,
