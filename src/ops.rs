@@ -593,6 +593,8 @@ impl TrainedLinear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         use crate::peft::bf16::trained::GradProduct;
+        // The bf16 products and the bias's column sums read the gradient's rows in place.
+        let grad = &grad.contiguous()?;
         let (dx, dw) = match self.precision {
             Precision::F32 => (
                 x.track_op().then(|| grad.matmul(&w.detach())).transpose()?,
@@ -600,20 +602,17 @@ impl TrainedLinear {
                     .then(|| grad.t()?.matmul(&x.detach()))
                     .transpose()?,
             ),
-            Precision::Bf16 => {
-                let grad = grad.contiguous()?;
-                (
-                    x.track_op()
-                        .then(|| grad.apply_op2_no_bwd(&w.detach(), &GradProduct::Input))
-                        .transpose()?,
-                    w.track_op()
-                        .then(|| grad.apply_op2_no_bwd(&x.detach(), &GradProduct::Weight))
-                        .transpose()?,
-                )
-            }
+            Precision::Bf16 => (
+                x.track_op()
+                    .then(|| grad.apply_op2_no_bwd(&w.detach(), &GradProduct::Input))
+                    .transpose()?,
+                w.track_op()
+                    .then(|| grad.apply_op2_no_bwd(&x.detach(), &GradProduct::Weight))
+                    .transpose()?,
+            ),
         };
         let db = match bias.filter(|b| b.track_op()) {
-            Some(b) => Some(column_sums(&grad.contiguous()?)?.reshape(b.shape())?),
+            Some(b) => Some(column_sums(grad)?.reshape(b.shape())?),
             None => None,
         };
         Ok((dx, dw, db))

@@ -211,22 +211,21 @@ impl ParamBuilder {
         self
     }
 
-    /// Whether the linear weight `name` is held in bf16: frozen, not a head, not an adapter.
+    /// Whether `--precision bf16` covers the linear weight `name`: a base weight, not a head
+    /// (small, f32 throughout) nor an adapter.
+    fn bf16_base_linear(&self, name: &str) -> bool {
+        self.precision == Precision::Bf16 && !is_head(name) && !name.contains(".lora_")
+    }
+
+    /// Whether the linear weight `name` is held in bf16: a frozen [`Self::bf16_base_linear`].
     pub fn bf16_for(&self, name: &str) -> bool {
-        self.precision == Precision::Bf16
-            && !self.is_trainable(name)
-            && !is_head(name)
-            && !name.contains(".lora_")
+        self.bf16_base_linear(name) && !self.is_trainable(name)
     }
 
     /// Whether the linear weight `name` trains in f32 with its products in bf16 (full
-    /// fine-tuning under `--precision bf16`): trained, not a head, not an adapter. Heads are
-    /// small and stay f32 throughout, as in a LoRA run.
+    /// fine-tuning under `--precision bf16`): a trained [`Self::bf16_base_linear`].
     pub fn bf16_products_for(&self, name: &str) -> bool {
-        self.precision == Precision::Bf16
-            && self.is_trainable(name)
-            && !is_head(name)
-            && !name.contains(".lora_")
+        self.bf16_base_linear(name) && self.is_trainable(name)
     }
 
     /// Like [`Self::get`], then rounds the tensor to bf16 and keeps only the bf16 copy.

@@ -698,13 +698,14 @@ mod avx512 {
                 .par_chunks_mut((COLUMN_BLOCK * pairs).max(1))
                 .take(m.div_ceil(COLUMN_BLOCK))
                 .enumerate()
-                .for_each(|(block, rows)| {
+                .for_each(|(block, block_rows)| {
                     let i0 = block * COLUMN_BLOCK;
                     let n = COLUMN_BLOCK.min(m - i0);
                     // SAFETY: the CPU has this function's features, inherited by the closure;
-                    // rows `i0..i0 + n` of A are columns of `a` (len x m), and `rows` holds `n`
-                    // rows of `pairs >= lead + len` pairs.
-                    unsafe { round_columns(a, m, len, i0, n, lead, pairs, as_u16(rows)) };
+                    // rows `i0..i0 + n` of A are columns of `a` (len x m), and `block_rows`
+                    // holds `n` rows of `pairs >= lead + len` pairs.
+                    let block_rows = as_u16(block_rows);
+                    unsafe { round_columns(a, m, len, i0, n, lead, pairs, block_rows) };
                 }),
         }
         (packed, start)

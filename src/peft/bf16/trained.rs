@@ -12,7 +12,7 @@ use super::kernel::{f32_to_bf16, gemm, gemm_of, Left, PackedB};
 use super::matrix;
 
 /// `x W^T (+ bias)` for x (n, in) and W (out, in), both row-major: (n, out).
-pub(crate) fn forward(
+fn forward(
     x: &[f32],
     n: usize,
     w: &[f32],
