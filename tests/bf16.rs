@@ -282,7 +282,9 @@ fn bf16_full_fine_tuning_trains_like_the_f32_run() {
 
 /// GFLOP/s of the bf16 kernel and of candle's f32 matmul on DNABERT-2-117M's four linear shapes
 /// at 1024 tokens (fused QKV, attention output, gated MLP in and out), forward and input
-/// gradient, timed alternately in one process.
+/// gradient of a frozen (packed once) weight, and the weight gradient `g^T x` of full
+/// fine-tuning with its packing of x and its column-wise reading of g, timed alternately in one
+/// process.
 #[test]
 #[ignore = "a measurement, not a check; run on an idle machine"]
 fn gemm_speed_against_candle_f32() {
@@ -306,8 +308,8 @@ fn gemm_speed_against_candle_f32() {
             }
             flops * 5.0 / start.elapsed().as_secs_f64() / 1e9
         };
-        let (mut y, mut dx) = (vec![0f32; m * n], vec![0f32; m * k]);
-        let mut gflops = [0f64; 4];
+        let (mut y, mut dx, mut dw) = (vec![0f32; m * n], vec![0f32; m * k], vec![0f32; n * k]);
+        let mut gflops = [0f64; 6];
         for _ in 0..2 {
             gflops[0] +=
                 time(&mut || kernel::gemm(&x, m, 0..k, &packed, 0..n, None, &mut y).unwrap());
@@ -319,8 +321,16 @@ fn gemm_speed_against_candle_f32() {
             gflops[3] += time(&mut || {
                 gt.matmul(&wt).unwrap();
             });
+            gflops[4] += time(&mut || {
+                let packed_x = PackedB::of_columns(&x, k, m).unwrap();
+                let g_t = kernel::Left::Columns(&g);
+                kernel::gemm_of(g_t, n, 0..m, &packed_x, 0..k, None, &mut dw).unwrap()
+            });
+            gflops[5] += time(&mut || {
+                gt.t().unwrap().matmul(&xt).unwrap();
+            });
         }
-        let [bf16_fwd, f32_fwd, bf16_bwd, f32_bwd] = gflops.map(|v| v / 2.0);
+        let [bf16_fwd, f32_fwd, bf16_bwd, f32_bwd, bf16_dw, f32_dw] = gflops.map(|v| v / 2.0);
         // The fallback of CPUs without AVX-512 BF16, once (it is slow).
         let portable = time(&mut || {
             kernel::gemm_portable(kernel::Left::Rows(&x), m, 0..k, &packed, 0..n, None, &mut y)
@@ -329,10 +339,12 @@ fn gemm_speed_against_candle_f32() {
         println!(
             "{m} x {k} -> {n}, {} threads: forward bf16 {bf16_fwd:.0} vs f32 {f32_fwd:.0} GFLOP/s \
              ({:.2}x); input gradient bf16 {bf16_bwd:.0} vs f32 {f32_bwd:.0} GFLOP/s ({:.2}x); \
-             portable forward {portable:.0} GFLOP/s",
+             weight gradient bf16 {bf16_dw:.0} vs f32 {f32_dw:.0} GFLOP/s ({:.2}x); portable \
+             forward {portable:.0} GFLOP/s",
             rayon::current_num_threads(),
             bf16_fwd / f32_fwd,
-            bf16_bwd / f32_bwd
+            bf16_bwd / f32_bwd,
+            bf16_dw / f32_dw
         );
     }
 }

@@ -79,22 +79,63 @@ pub struct PackedB {
 impl PackedB {
     /// Packs the bf16 values `value(j, c)`, panels in parallel.
     pub fn pack(cols: usize, depth: usize, value: impl Fn(usize, usize) -> u16 + Sync) -> Self {
+        Self::pack_panels(cols, depth, |p, panel| {
+            let width = NR.min(cols - p * NR);
+            // Depth outer: the writes of one depth value are 2 apart.
+            for c in 0..depth {
+                let at = (c / 2) * NR * 2 + c % 2;
+                for jj in 0..width {
+                    panel[at + 2 * jj] = value(p * NR + jj, c);
+                }
+            }
+        })
+    }
+
+    /// Packs `B(j, c) = m[j * depth + c]` rounded to bf16: B's columns are the rows of `m`
+    /// (cols x depth, row-major), as a weight W (out, in) is packed for `x W^T`. With AVX-512
+    /// BF16 the rounding is vectorised, and like the rounding of A it flushes subnormals (below
+    /// 1.2e-38) to zero; otherwise it is [`f32_to_bf16`].
+    pub fn of_rows(m: &[f32], cols: usize, depth: usize) -> candle_core::Result<Self> {
+        check_matrix(m, cols, depth)?;
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512_bf16() {
+            return Ok(Self::pack_panels(cols, depth, |p, panel| {
+                let columns = p * NR..(p * NR + NR).min(cols);
+                // SAFETY: the CPU has AVX-512 F, BW and BF16 (checked above), `m` holds cols x
+                // depth values (checked by `check_matrix`), and `panel` is panel p.
+                unsafe { avx512::pack_panel_of_rows(m, depth, columns, panel) }
+            }));
+        }
+        Ok(Self::pack(cols, depth, |j, c| {
+            f32_to_bf16(m[j * depth + c])
+        }))
+    }
+
+    /// Packs `B(j, c) = m[c * cols + j]` rounded to bf16: B is `m` itself (depth x cols,
+    /// row-major), as W (out, in) is packed for the input gradient `g W` and the activations x
+    /// (n, in) for the weight gradient `g^T x`. Rounded as [`PackedB::of_rows`] rounds.
+    pub fn of_columns(m: &[f32], cols: usize, depth: usize) -> candle_core::Result<Self> {
+        check_matrix(m, cols, depth)?;
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512_bf16() {
+            return Ok(Self::pack_panels(cols, depth, |p, panel| {
+                let columns = p * NR..(p * NR + NR).min(cols);
+                // SAFETY: as in `of_rows`.
+                unsafe { avx512::pack_panel_of_columns(m, cols, depth, columns, panel) }
+            }));
+        }
+        Ok(Self::pack(cols, depth, |j, c| f32_to_bf16(m[c * cols + j])))
+    }
+
+    /// Zeroed panels, each filled by `fill(p, panel)` in parallel.
+    fn pack_panels(cols: usize, depth: usize, fill: impl Fn(usize, &mut [u16]) + Sync) -> Self {
         let panel_len = depth.div_ceil(2) * NR * 2;
         let len = cols.div_ceil(NR) * panel_len;
         let (mut data, start) = aligned_zeros::<u16>(len);
         data[start..start + len]
             .par_chunks_mut(panel_len.max(1))
             .enumerate()
-            .for_each(|(p, panel)| {
-                let width = NR.min(cols - p * NR);
-                // Depth outer: the writes of one depth value are 2 apart.
-                for c in 0..depth {
-                    let at = (c / 2) * NR * 2 + c % 2;
-                    for jj in 0..width {
-                        panel[at + 2 * jj] = value(p * NR + jj, c);
-                    }
-                }
-            });
+            .for_each(|(p, panel)| fill(p, panel));
         PackedB {
             cols,
             depth,
@@ -139,6 +180,19 @@ fn aligned_zeros<E: Copy + Default>(len: usize) -> (Vec<E>, usize) {
     let data = vec![E::default(); len + 64 / size];
     let start = (64 - data.as_ptr() as usize % 64) % 64 / size;
     (data, start)
+}
+
+/// A row-major (depth x cols or cols x depth) matrix for [`PackedB::of_rows`] or
+/// [`PackedB::of_columns`] holds exactly its values; a mismatch is a caller's bug, reported
+/// rather than read out of bounds.
+fn check_matrix(m: &[f32], cols: usize, depth: usize) -> candle_core::Result<()> {
+    if m.len() != cols * depth {
+        candle_core::bail!(
+            "bf16 packing: {} values for {cols} columns of depth {depth}",
+            m.len()
+        );
+    }
+    Ok(())
 }
 
 /// The left operand A (`m x depth.len()`) of a product, in one of the two layouts it comes in.
@@ -703,8 +757,7 @@ mod avx512 {
                     let n = COLUMN_BLOCK.min(m - i0);
                     // SAFETY: the CPU has this function's features, inherited by the closure;
                     // rows `i0..i0 + n` of A are columns of `a` (len x m), and `block_rows`
-                    // holds `n` rows of `pairs >= lead + len` pairs.
-                    let block_rows = as_u16(block_rows);
+                    // holds `n` rows of `pairs >= (lead + len) / 2` pairs.
                     unsafe { round_columns(a, m, len, i0, n, lead, pairs, block_rows) };
                 }),
         }
@@ -723,12 +776,13 @@ mod avx512 {
     }
 
     /// Rows `i0..i0 + n` (n <= 16) of A, read from `a` = A^T (len x m, row-major), rounded into
-    /// `rows` (n rows of `2 * pairs` u16, each from `lead` on): one masked 16-lane load per depth
-    /// value, the 16 roundings scattered to their rows.
+    /// `rows` (n rows of `pairs` pairs, the depth values from `lead` on, zeros around them): per
+    /// 16 pairs, one masked 16-lane load of A^T per depth value, the lanes paired and the 16 x 16
+    /// block of pairs transposed into the rows.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F, BW and BF16; `a` must hold `len * m` values, `i0 + n <= m`,
-    /// and `rows` `n * 2 * pairs` values with `lead + len <= 2 * pairs`.
+    /// and `rows` `n * pairs` values with `lead + len <= 2 * pairs`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn round_columns(
@@ -739,20 +793,167 @@ mod avx512 {
         n: usize,
         lead: usize,
         pairs: usize,
-        rows: &mut [u16],
+        rows: &mut [u32],
     ) {
         debug_assert!(n <= COLUMN_BLOCK && i0 + n <= m && a.len() == len * m);
-        let mask: __mmask16 = if n >= 16 { 0xffff } else { (1u16 << n) - 1 };
-        let mut lanes = [0u16; COLUMN_BLOCK];
-        for c in 0..len {
-            // SAFETY: lanes i0..i0 + n of A^T's row c exist; the mask leaves the others unread.
-            unsafe {
-                let v = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(c * m + i0));
-                let bf16: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-                _mm256_storeu_si256(lanes.as_mut_ptr().cast(), bf16);
+        debug_assert!(rows.len() >= n * pairs && lead + len <= 2 * pairs);
+        let lanes = lane_mask(n);
+        // Depth value `c` of the rows, zero outside 0..len (the lead and the padding).
+        let column = |c: usize| match c.checked_sub(lead) {
+            // SAFETY: lanes i0..i0 + n of A^T's row c - lead exist; the mask leaves the others
+            // unread.
+            Some(c) if c < len => unsafe {
+                _mm512_maskz_loadu_ps(lanes, a.as_ptr().add(c * m + i0))
+            },
+            _ => _mm512_setzero_ps(),
+        };
+        for q0 in (0..pairs).step_by(16) {
+            let count = 16.min(pairs - q0);
+            let mut block = [_mm512_setzero_si512(); 16];
+            for (qq, pair) in block.iter_mut().enumerate().take(count) {
+                let t = 2 * (q0 + qq);
+                *pair = bf16_pairs(column(t), column(t + 1));
             }
-            for (r, &lane) in lanes[..n].iter().enumerate() {
-                rows[r * 2 * pairs + lead + c] = lane;
+            transpose_16x16(&mut block);
+            for (r, row) in block.iter().enumerate().take(n) {
+                // SAFETY: row r < n of `rows` has `pairs` values, `count` of them from q0.
+                unsafe {
+                    let at = rows.as_mut_ptr().add(r * pairs + q0);
+                    _mm512_mask_storeu_epi32(at.cast(), lane_mask(count), *row);
+                }
+            }
+        }
+    }
+
+    /// Panel `columns.start / NR` of [`PackedB::of_rows`] (B(j, c) = m[j * depth + c]; at most
+    /// NR columns): per 16 columns and 16 depth pairs, each of the 16 rows of `m` rounded to 16
+    /// pairs and the block transposed into the panel's [pair][column] order.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and BF16; `m` must hold `columns.end * depth` values and
+    /// `panel` be a whole panel (`depth.div_ceil(2) * NR * 2` values).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pack_panel_of_rows(
+        m: &[f32],
+        depth: usize,
+        columns: Range<usize>,
+        panel: &mut [u16],
+    ) {
+        let pairs = depth.div_ceil(2);
+        debug_assert!(m.len() >= columns.end * depth && panel.len() == pairs * NR * 2);
+        let panel = panel.as_mut_ptr().cast::<u32>();
+        for (g, j0) in columns.clone().step_by(16).enumerate() {
+            let width = 16.min(columns.end - j0);
+            for q0 in (0..pairs).step_by(16) {
+                let c0 = 2 * q0;
+                let (low, high) = (
+                    lane_mask(depth - c0),
+                    lane_mask((depth - c0).saturating_sub(16)),
+                );
+                let mut block = [_mm512_setzero_si512(); 16];
+                for (r, pairs_of_row) in block.iter_mut().enumerate().take(width) {
+                    // SAFETY: row j0 + r of `m` holds `depth` values; the masks leave those past
+                    // its end unread.
+                    unsafe {
+                        let row = m.as_ptr().add((j0 + r) * depth + c0);
+                        let lo = _mm512_maskz_loadu_ps(low, row);
+                        let hi = _mm512_maskz_loadu_ps(high, row.add(16.min(depth - c0)));
+                        *pairs_of_row =
+                            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                    }
+                }
+                transpose_16x16(&mut block);
+                for (qq, pair) in block.iter().enumerate().take(16.min(pairs - q0)) {
+                    // SAFETY: pair q0 + qq < pairs, 16 columns from 16 g of the panel's NR.
+                    unsafe {
+                        _mm512_storeu_si512(panel.add((q0 + qq) * NR + 16 * g).cast(), *pair)
+                    };
+                }
+            }
+        }
+    }
+
+    /// Panel `columns.start / NR` of [`PackedB::of_columns`] (B(j, c) = m[c * cols + j]; at
+    /// most NR columns): per depth pair, two masked loads of 16 consecutive values of `m` and
+    /// one store of their 16 pairs.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and BF16; `m` must hold `depth * cols` values with
+    /// `columns.end <= cols`, and `panel` be a whole panel (`depth.div_ceil(2) * NR * 2` values).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pack_panel_of_columns(
+        m: &[f32],
+        cols: usize,
+        depth: usize,
+        columns: Range<usize>,
+        panel: &mut [u16],
+    ) {
+        let pairs = depth.div_ceil(2);
+        debug_assert!(m.len() == depth * cols && columns.end <= cols);
+        debug_assert!(panel.len() == pairs * NR * 2);
+        let panel = panel.as_mut_ptr().cast::<u32>();
+        let load = |c: usize, j0: usize, lanes: __mmask16| match c < depth {
+            // SAFETY: values j0.. of row c of `m` exist as far as the mask reaches.
+            true => unsafe { _mm512_maskz_loadu_ps(lanes, m.as_ptr().add(c * cols + j0)) },
+            false => _mm512_setzero_ps(),
+        };
+        for q in 0..pairs {
+            for (g, j0) in columns.clone().step_by(16).enumerate() {
+                let lanes = lane_mask(columns.end - j0);
+                let pair = bf16_pairs(load(2 * q, j0, lanes), load(2 * q + 1, j0, lanes));
+                // SAFETY: pair q < pairs, 16 columns from 16 g of the panel's NR.
+                unsafe { _mm512_storeu_si512(panel.add(q * NR + 16 * g).cast(), pair) };
+            }
+        }
+    }
+
+    /// The mask of the first `n` of 16 lanes (all of them for n >= 16).
+    fn lane_mask(n: usize) -> __mmask16 {
+        match n {
+            16.. => 0xffff,
+            _ => (1u16 << n) - 1,
+        }
+    }
+
+    /// Lane i: the pair (bf16(low[i]), bf16(high[i])), the low one in the low half as
+    /// `vdpbf16ps` and `tdpbf16ps` pair depth values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn bf16_pairs(low: __m512, high: __m512) -> __m512i {
+        // SAFETY: 16 bf16 values and 16 u16 are the same 256 bits.
+        let widen = |v: __m512| unsafe {
+            _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                _mm512_cvtneps_pbh(v),
+            ))
+        };
+        _mm512_or_si512(widen(low), _mm512_slli_epi32::<16>(widen(high)))
+    }
+
+    /// Transposes the 16 x 16 matrix of 32-bit lanes whose rows are `rows`: the round of each
+    /// d in 8, 4, 2, 1 swaps the off-diagonal d x d blocks of every 2d x 2d block, two lane
+    /// permutations per pair of rows.
+    #[target_feature(enable = "avx512f")]
+    fn transpose_16x16(rows: &mut [__m512i; 16]) {
+        for d in [8usize, 4, 2, 1] {
+            // Indices 16.. take lanes of the second operand (the lower row of the pair).
+            let index = |upper: bool| {
+                let lanes: [i32; 16] = std::array::from_fn(|k| {
+                    let k = k as i32;
+                    let d = d as i32;
+                    match (k & d == 0, upper) {
+                        (true, true) => k,
+                        (false, true) => 16 + k - d,
+                        (true, false) => k + d,
+                        (false, false) => 16 + k,
+                    }
+                });
+                // SAFETY: 16 i32 are 64 readable bytes.
+                unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
+            };
+            let (upper, lower) = (index(true), index(false));
+            for i in (0..16).filter(|i| i & d == 0) {
+                let (a, b) = (rows[i], rows[i + d]);
+                rows[i] = _mm512_permutex2var_epi32(a, upper, b);
+                rows[i + d] = _mm512_permutex2var_epi32(a, lower, b);
             }
         }
     }
@@ -764,14 +965,7 @@ mod avx512 {
         debug_assert_eq!(row.len(), out.len());
         for (src, dst) in row.chunks(32).zip(out.chunks_mut(32)) {
             let n = src.len();
-            let low_mask: __mmask16 = if n >= 16 { 0xffff } else { (1u16 << n) - 1 };
-            let high_mask: __mmask16 = if n >= 32 {
-                0xffff
-            } else if n > 16 {
-                (1u16 << (n - 16)) - 1
-            } else {
-                0
-            };
+            let (low_mask, high_mask) = (lane_mask(n), lane_mask(n.saturating_sub(16)));
             let out_mask: __mmask32 = if n >= 32 { u32::MAX } else { (1u32 << n) - 1 };
             // SAFETY: the masks cover only the n valid elements of `src` and `dst` (masked-off
             // lanes are neither read nor written).
@@ -1138,6 +1332,51 @@ pub(super) mod tests {
                 );
             }
         }
+    }
+
+    /// The vectorised packings give the scalar packing's bits, padding included, on sizes that
+    /// end inside a 16-column group, a panel and a 16-pair block, with odd depths, and on values
+    /// that round up, to infinity, or are NaN (subnormals, which the vector rounding flushes,
+    /// are left out).
+    #[test]
+    fn packings_of_rows_and_of_columns_equal_the_scalar_packing() {
+        let mut init = Initializer::new(43);
+        let specials = [
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+            -0.0,
+        ];
+        for (cols, depth) in [
+            (1, 1),
+            (3, 2),
+            (17, 31),
+            (48, 33),
+            (49, 64),
+            (100, 70),
+            (150, 5),
+        ] {
+            let mut m = init.normal(cols * depth, 1.0);
+            for (at, &v) in (0..m.len()).step_by(7).zip(specials.iter().cycle()) {
+                m[at] = v;
+            }
+            let panels =
+                |b: &PackedB| b.panels()[..cols.div_ceil(NR) * b.pairs() * NR * 2].to_vec();
+            let scalar = PackedB::pack(cols, depth, |j, c| f32_to_bf16(m[j * depth + c]));
+            let rows = PackedB::of_rows(&m, cols, depth).unwrap();
+            assert_eq!(panels(&rows), panels(&scalar), "of_rows, {cols} x {depth}");
+            let scalar = PackedB::pack(cols, depth, |j, c| f32_to_bf16(m[c * cols + j]));
+            let columns = PackedB::of_columns(&m, cols, depth).unwrap();
+            assert_eq!(
+                panels(&columns),
+                panels(&scalar),
+                "of_columns, {cols} x {depth}"
+            );
+        }
+        assert!(PackedB::of_rows(&[0.0; 5], 2, 3).is_err());
+        assert!(PackedB::of_columns(&[0.0; 7], 2, 3).is_err());
     }
 
     #[test]

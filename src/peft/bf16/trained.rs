@@ -8,7 +8,7 @@
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Shape};
 
-use super::kernel::{f32_to_bf16, gemm, gemm_of, Left, PackedB};
+use super::kernel::{gemm, gemm_of, Left, PackedB};
 use super::matrix;
 
 /// `x W^T (+ bias)` for x (n, in) and W (out, in), both row-major: (n, out).
@@ -19,7 +19,7 @@ fn forward(
     (out, inp): (usize, usize),
     bias: Option<&[f32]>,
 ) -> candle_core::Result<Vec<f32>> {
-    let pack = PackedB::pack(out, inp, |j, c| f32_to_bf16(w[j * inp + c]));
+    let pack = PackedB::of_rows(w, out, inp)?;
     let mut y = vec![0f32; n * out];
     gemm(x, n, 0..inp, &pack, 0..out, bias, &mut y)?;
     Ok(y)
@@ -32,8 +32,8 @@ fn input_grad(
     w: &[f32],
     (out, inp): (usize, usize),
 ) -> candle_core::Result<Vec<f32>> {
-    // B(j, c) = W[c][j]: a panel's 48 columns at one depth are 48 consecutive values of a row.
-    let pack = PackedB::pack(inp, out, |j, c| f32_to_bf16(w[c * inp + j]));
+    // B(j, c) = W[c][j]: B is W itself, (out, in) read as depth x columns.
+    let pack = PackedB::of_columns(w, inp, out)?;
     let mut dx = vec![0f32; n * inp];
     gemm(g, n, 0..out, &pack, 0..inp, None, &mut dx)?;
     Ok(dx)
@@ -47,7 +47,7 @@ fn weight_grad(
     n: usize,
     (out, inp): (usize, usize),
 ) -> candle_core::Result<Vec<f32>> {
-    let pack = PackedB::pack(inp, n, |j, c| f32_to_bf16(x[c * inp + j]));
+    let pack = PackedB::of_columns(x, inp, n)?;
     let mut dw = vec![0f32; out * inp];
     gemm_of(Left::Columns(g), out, 0..n, &pack, 0..inp, None, &mut dw)?;
     Ok(dw)
@@ -141,9 +141,8 @@ mod tests {
 
 #[cfg(test)]
 mod reference_tests {
-    use super::super::kernel::bf16_to_f32;
     use super::super::kernel::tests::{check_against_reference, rounded};
-    use super::*;
+    use super::super::kernel::{bf16_to_f32, f32_to_bf16};
     use crate::ops::{trained_linear, with_plain_kernels, Initializer};
     use crate::peft::bf16::Precision;
     use candle_core::{Device, Tensor, Var};
