@@ -144,6 +144,11 @@ impl PackedB {
         }
     }
 
+    /// (columns, depth) of B.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.cols, self.depth)
+    }
+
     /// Depth pairs per panel.
     fn pairs(&self) -> usize {
         self.depth.div_ceil(2)
@@ -845,22 +850,10 @@ mod avx512 {
         for (g, j0) in columns.clone().step_by(16).enumerate() {
             let width = 16.min(columns.end - j0);
             for q0 in (0..pairs).step_by(16) {
-                let c0 = 2 * q0;
-                let (low, high) = (
-                    lane_mask(depth - c0),
-                    lane_mask((depth - c0).saturating_sub(16)),
-                );
                 let mut block = [_mm512_setzero_si512(); 16];
                 for (r, pairs_of_row) in block.iter_mut().enumerate().take(width) {
-                    // SAFETY: row j0 + r of `m` holds `depth` values; the masks leave those past
-                    // its end unread.
-                    unsafe {
-                        let row = m.as_ptr().add((j0 + r) * depth + c0);
-                        let lo = _mm512_maskz_loadu_ps(low, row);
-                        let hi = _mm512_maskz_loadu_ps(high, row.add(16.min(depth - c0)));
-                        *pairs_of_row =
-                            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-                    }
+                    let row = (j0 + r) * depth;
+                    *pairs_of_row = round_32(&m[row + 2 * q0..row + depth]);
                 }
                 transpose_16x16(&mut block);
                 for (qq, pair) in block.iter().enumerate().take(16.min(pairs - q0)) {
@@ -958,23 +951,32 @@ mod avx512 {
         }
     }
 
-    /// `out[i] = bf16(row[i])`, 32 at a time (`vcvtne2ps2bf16`: round to nearest even; unlike
-    /// [`super::f32_to_bf16`] it flushes subnormals, below 1.2e-38, to zero).
+    /// `out[i] = bf16(row[i])`, 32 at a time ([`round_32`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     fn round_row(row: &[f32], out: &mut [u16]) {
         debug_assert_eq!(row.len(), out.len());
         for (src, dst) in row.chunks(32).zip(out.chunks_mut(32)) {
             let n = src.len();
-            let (low_mask, high_mask) = (lane_mask(n), lane_mask(n.saturating_sub(16)));
             let out_mask: __mmask32 = if n >= 32 { u32::MAX } else { (1u32 << n) - 1 };
-            // SAFETY: the masks cover only the n valid elements of `src` and `dst` (masked-off
-            // lanes are neither read nor written).
-            unsafe {
-                let low = _mm512_maskz_loadu_ps(low_mask, src.as_ptr());
-                let high = _mm512_maskz_loadu_ps(high_mask, src.as_ptr().add(16.min(n)));
-                let bf16: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
-                _mm512_mask_storeu_epi16(dst.as_mut_ptr().cast(), out_mask, bf16);
-            }
+            // SAFETY: the mask covers only the n elements of `dst` (masked-off lanes are not
+            // written).
+            unsafe { _mm512_mask_storeu_epi16(dst.as_mut_ptr().cast(), out_mask, round_32(src)) };
+        }
+    }
+
+    /// The first 32 (at most) values of `values` rounded to bf16, in order, zeros after them
+    /// (`vcvtne2ps2bf16`: round to nearest even; unlike [`super::f32_to_bf16`] it flushes
+    /// subnormals, below 1.2e-38, to zero). Read as 16 u32, lane q is the pair (2q, 2q + 1).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn round_32(values: &[f32]) -> __m512i {
+        let n = values.len().min(32);
+        let (low_mask, high_mask) = (lane_mask(n), lane_mask(n.saturating_sub(16)));
+        // SAFETY: the masks cover only the n values that exist (masked-off lanes are not read);
+        // 32 bf16 values and 32 u16 are the same 512 bits.
+        unsafe {
+            let low = _mm512_maskz_loadu_ps(low_mask, values.as_ptr());
+            let high = _mm512_maskz_loadu_ps(high_mask, values.as_ptr().add(16.min(n)));
+            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(high, low))
         }
     }
 
@@ -1140,7 +1142,7 @@ pub(super) mod tests {
     }
 
     /// The (cols, rows) transpose of a row-major (rows, cols) matrix.
-    fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    pub(in crate::peft::bf16) fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         (0..rows * cols)
             .map(|at| a[at % rows * cols + at / rows])
             .collect()

@@ -8,7 +8,7 @@
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Shape};
 
-use super::kernel::{gemm, gemm_of, Left, PackedB};
+use super::kernel::{gemm_of, Left, PackedB};
 use super::matrix;
 
 /// `x W^T (+ bias)` for x (n, in) and W (out, in), both row-major: (n, out).
@@ -19,10 +19,7 @@ fn forward(
     (out, inp): (usize, usize),
     bias: Option<&[f32]>,
 ) -> candle_core::Result<Vec<f32>> {
-    let pack = PackedB::of_rows(w, out, inp)?;
-    let mut y = vec![0f32; n * out];
-    gemm(x, n, 0..inp, &pack, 0..out, bias, &mut y)?;
-    Ok(y)
+    product(Left::Rows(x), n, &PackedB::of_rows(w, out, inp)?, bias)
 }
 
 /// `g W` for the upstream gradient g (n, out) and W (out, in): the input gradient, (n, in).
@@ -33,10 +30,7 @@ fn input_grad(
     (out, inp): (usize, usize),
 ) -> candle_core::Result<Vec<f32>> {
     // B(j, c) = W[c][j]: B is W itself, (out, in) read as depth x columns.
-    let pack = PackedB::of_columns(w, inp, out)?;
-    let mut dx = vec![0f32; n * inp];
-    gemm(g, n, 0..out, &pack, 0..inp, None, &mut dx)?;
-    Ok(dx)
+    product(Left::Rows(g), n, &PackedB::of_columns(w, inp, out)?, None)
 }
 
 /// `g^T x` for g (n, out) and x (n, in): the weight gradient, (out, in) as W is laid out. g^T
@@ -47,10 +41,21 @@ fn weight_grad(
     n: usize,
     (out, inp): (usize, usize),
 ) -> candle_core::Result<Vec<f32>> {
-    let pack = PackedB::of_columns(x, inp, n)?;
-    let mut dw = vec![0f32; out * inp];
-    gemm_of(Left::Columns(g), out, 0..n, &pack, 0..inp, None, &mut dw)?;
-    Ok(dw)
+    product(
+        Left::Columns(g),
+        out,
+        &PackedB::of_columns(x, inp, n)?,
+        None,
+    )
+}
+
+/// `A B (+ bias)` over all of B's depth and columns, for the `m` rows of A: a new (m, columns)
+/// matrix.
+fn product(a: Left, m: usize, b: &PackedB, bias: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
+    let (cols, depth) = b.shape();
+    let mut out = vec![0f32; m * cols];
+    gemm_of(a, m, 0..depth, b, 0..cols, bias, &mut out)?;
+    Ok(out)
 }
 
 /// A gradient product of a trained linear layer, applied to the upstream gradient (n, out) and
@@ -141,7 +146,7 @@ mod tests {
 
 #[cfg(test)]
 mod reference_tests {
-    use super::super::kernel::tests::{check_against_reference, rounded};
+    use super::super::kernel::tests::{check_against_reference, rounded, transpose};
     use super::super::kernel::{bf16_to_f32, f32_to_bf16};
     use crate::ops::{trained_linear, with_plain_kernels, Initializer};
     use crate::peft::bf16::Precision;
@@ -176,7 +181,7 @@ mod reference_tests {
             let w = Var::from_vec(w_values.clone(), (out, inp), &dev).unwrap();
             let b = Var::from_vec(b_values.clone(), out, &dev).unwrap();
             let g = Tensor::from_vec(g_values.clone(), (n, out), &dev).unwrap();
-            let g_t: Vec<f32> = (0..out * n).map(|k| g_r[(k % n) * out + k / n]).collect();
+            let g_t = transpose(&g_r, n, out);
             for plain in [false, true] {
                 let bias = (!plain).then_some(b.as_tensor());
                 let run = || {
