@@ -190,12 +190,9 @@ impl CustomOp1 for DropoutMask {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("dropout expects a contiguous input")
-        };
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.apply(&v[start..end])),
-            CpuStorage::F64(v) => CpuStorage::F64(self.apply(&v[start..end])),
+            CpuStorage::F32(v) => CpuStorage::F32(self.apply(contiguous(v, l, self.name())?)),
+            CpuStorage::F64(v) => CpuStorage::F64(self.apply(contiguous(v, l, self.name())?)),
             other => candle_core::bail!("dropout: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, l.shape().clone()))
@@ -218,6 +215,30 @@ fn splitmix_mix(mut z: u64) -> u64 {
 mod attention;
 mod fused;
 mod simd;
+
+/// The values a layout covers in a contiguous storage; `what` names the op in the error.
+fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("{what}: expects a contiguous tensor"),
+    }
+}
+
+/// Runs `f` on the values of a CPU tensor of element type `T`, read in place when the tensor is
+/// contiguous: the custom ops' backward passes read activations and gradients this way instead
+/// of copying them out.
+fn with_values<T: WithDType, R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{what}: a tensor is not on the CPU")
+    };
+    f(contiguous(T::cpu_storage_as_slice(cpu)?, layout, what)?)
+}
 
 thread_local! {
     static PLAIN_KERNELS: Cell<bool> = const { Cell::new(false) };

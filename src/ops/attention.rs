@@ -9,14 +9,16 @@
 //! keeping them, yielding the whole q|k|v gradient in one tensor.
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
-    WithDType,
+    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
 use super::fused::exp_f32;
 use super::simd::multiversion;
-use super::DropoutMask;
+use super::{contiguous, with_values, DropoutMask};
+
+/// The op's name, in errors as in candle's graph.
+const NAME: &str = "fused-qkv-attention";
 
 /// `softmax(scale * q k^T + bias)` (dropped out) times v, per head, for every sequence.
 pub(super) struct QkvAttention {
@@ -367,7 +369,7 @@ impl QkvAttention {
 
     /// Runs `f(bias)` on the bias values as `T`.
     fn with_bias<T: WithDType, R>(&self, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
-        with_values(&self.bias.to_dtype(T::DTYPE)?, f)
+        with_values(&self.bias.to_dtype(T::DTYPE)?, NAME, f)
     }
 
     /// The q|k|v gradient as a tensor, reading the input and the output gradient in place.
@@ -377,8 +379,8 @@ impl QkvAttention {
         qkv: &Tensor,
         grad: &Tensor,
     ) -> Result<Tensor> {
-        let dqkv = with_values(qkv, |x: &[T]| {
-            with_values(grad, |g: &[T]| self.backward_all(d, x, g))
+        let dqkv = with_values(qkv, NAME, |x: &[T]| {
+            with_values(grad, NAME, |g: &[T]| self.backward_all(d, x, g))
         })?;
         Tensor::from_vec(dqkv, qkv.shape(), qkv.device())
     }
@@ -419,33 +421,16 @@ impl QkvAttention {
     }
 }
 
-/// Runs `f` on the values of a CPU tensor of element type `T`, in place when it is contiguous.
-fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("attention: a tensor is not on the CPU")
-    };
-    f(contiguous(T::cpu_storage_as_slice(cpu)?, layout)?)
-}
-
-fn contiguous<'a, T>(v: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => candle_core::bail!("attention: expects a contiguous q|k|v"),
-    }
-}
-
 impl CustomOp1 for QkvAttention {
     fn name(&self) -> &'static str {
-        "fused-qkv-attention"
+        NAME
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(l.shape())?;
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.forward_all(d, contiguous(v, l)?)?),
-            CpuStorage::F64(v) => CpuStorage::F64(self.forward_all(d, contiguous(v, l)?)?),
+            CpuStorage::F32(v) => CpuStorage::F32(self.forward_all(d, contiguous(v, l, NAME)?)?),
+            CpuStorage::F64(v) => CpuStorage::F64(self.forward_all(d, contiguous(v, l, NAME)?)?),
             other => candle_core::bail!("attention: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, Shape::from((d.batch * d.t, d.hidden()))))

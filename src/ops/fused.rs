@@ -9,6 +9,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::simd::multiversion;
+use super::{contiguous, with_values};
 
 /// Rows below this many elements in total run on one thread: spawning costs more than it saves.
 const PARALLEL_MIN: usize = 1 << 15;
@@ -35,24 +36,15 @@ fn map_rows<T: WithDType, U: WithDType>(
     out
 }
 
-fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => candle_core::bail!("{what}: expects a contiguous tensor"),
-    }
-}
-
-/// The values of a (contiguous copy of a) tensor.
-fn values<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
-    t.flatten_all()?.to_vec1::<T>()
-}
-
 fn last_dim(shape: &Shape) -> usize {
     *shape.dims().last().unwrap_or(&1)
 }
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm
+
+/// The LayerNorm op's name, in errors as in candle's graph.
+const LAYER_NORM: &str = "fused-layer-norm";
 
 struct LayerNormOp {
     eps: f64,
@@ -168,7 +160,7 @@ fn ln_backward<T: WithDType>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec<T>, Ve
 
 impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
-        "fused-layer-norm"
+        LAYER_NORM
     }
 
     fn cpu_fwd(
@@ -216,8 +208,11 @@ impl CustomOp3 for LayerNormOp {
             g: &Tensor,
             eps: f64,
         ) -> Result<(Tensor, Tensor, Tensor)> {
-            let (dx, dw, db) =
-                ln_backward(&values::<T>(x)?, &values::<T>(w)?, &values::<T>(g)?, eps);
+            let (dx, dw, db) = with_values(x, LAYER_NORM, |xv: &[T]| {
+                with_values(w, LAYER_NORM, |wv: &[T]| {
+                    with_values(g, LAYER_NORM, |gv: &[T]| Ok(ln_backward(xv, wv, gv, eps)))
+                })
+            })?;
             let dev = x.device();
             Ok((
                 Tensor::from_vec(dx, x.shape(), dev)?,
@@ -493,6 +488,18 @@ impl Activation {
         map_rows(x, cols, self.out_cols(cols), row)
     }
 
+    /// [`Self::backward`] on the values of the input and its gradient, read in place.
+    fn backward_of<T: ActivationFloat>(
+        self,
+        x: &Tensor,
+        g: &Tensor,
+        cols: usize,
+    ) -> Result<Vec<T>> {
+        with_values(x, self.name(), |x: &[T]| {
+            with_values(g, self.name(), |g: &[T]| Ok(self.backward(x, g, cols)))
+        })
+    }
+
     /// The input gradient for every row; in parallel over rows for large tensors.
     fn backward<T: ActivationFloat>(self, x: &[T], g: &[T], cols: usize) -> Vec<T> {
         let mut dx = vec![T::from_f64(0.0); x.len()];
@@ -548,14 +555,16 @@ impl CustomOp1 for Activation {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let cols = last_dim(x.shape());
         let dx = match x.dtype() {
-            DType::F32 => {
-                let dx = self.backward(&values::<f32>(x)?, &values::<f32>(grad)?, cols);
-                Tensor::from_vec(dx, x.shape(), x.device())?
-            }
-            DType::F64 => {
-                let dx = self.backward(&values::<f64>(x)?, &values::<f64>(grad)?, cols);
-                Tensor::from_vec(dx, x.shape(), x.device())?
-            }
+            DType::F32 => Tensor::from_vec(
+                self.backward_of::<f32>(x, grad, cols)?,
+                x.shape(),
+                x.device(),
+            )?,
+            DType::F64 => Tensor::from_vec(
+                self.backward_of::<f64>(x, grad, cols)?,
+                x.shape(),
+                x.device(),
+            )?,
             dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()),
         };
         Ok(Some(dx))
