@@ -225,9 +225,9 @@ fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]>
 }
 
 /// Runs `f` on the values of a CPU tensor of element type `T`, read in place when the tensor is
-/// contiguous: the custom ops' backward passes read activations and gradients this way instead
-/// of copying them out.
-fn with_values<T: WithDType, R>(
+/// contiguous: the custom ops' backward passes and the optimizer read activations and gradients
+/// this way instead of copying them out.
+pub(crate) fn with_values<T: WithDType, R>(
     t: &Tensor,
     what: &str,
     f: impl FnOnce(&[T]) -> Result<R>,

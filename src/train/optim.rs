@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::train::config::Scheduler;
@@ -187,30 +187,26 @@ fn fused_update(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, rule: &UpdateRul
             p.dims()
         );
     }
-    let (g_storage, g_layout) = g.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(g_values)), Some((start, end))) =
-        (&*g_storage, g_layout.contiguous_offsets())
-    else {
-        return Ok(false);
-    };
-    let g = &g_values[start..end];
-    // Three write locks, on three distinct storages (`Slot`), and a read lock on the gradient's.
-    with_values_mut(m, |m| {
-        with_values_mut(v, |v| {
-            with_values_mut(p, |p| {
-                p.par_chunks_mut(UPDATE_CHUNK)
-                    .zip(m.par_chunks_mut(UPDATE_CHUNK))
-                    .zip(v.par_chunks_mut(UPDATE_CHUNK))
-                    .zip(g.par_chunks(UPDATE_CHUNK))
-                    .for_each(|(((p, m), v), g)| {
-                        for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
-                            *m = rule.beta1 * *m + rule.one_minus_beta1 * g;
-                            *v = rule.beta2 * *v + rule.one_minus_beta2 * (g * g);
-                            let denom = v.sqrt() * rule.inv_sqrt_bc2 + rule.eps;
-                            *p = *p * rule.decay - *m / denom * rule.step;
-                        }
-                    });
-                Ok(())
+    // A read lock on the gradient's storage and three write locks, on three distinct storages
+    // (`Slot`).
+    crate::ops::with_values(g, "AdamW", |g: &[f32]| {
+        with_values_mut(m, |m| {
+            with_values_mut(v, |v| {
+                with_values_mut(p, |p| {
+                    p.par_chunks_mut(UPDATE_CHUNK)
+                        .zip(m.par_chunks_mut(UPDATE_CHUNK))
+                        .zip(v.par_chunks_mut(UPDATE_CHUNK))
+                        .zip(g.par_chunks(UPDATE_CHUNK))
+                        .for_each(|(((p, m), v), g)| {
+                            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                                *m = rule.beta1 * *m + rule.one_minus_beta1 * g;
+                                *v = rule.beta2 * *v + rule.one_minus_beta2 * (g * g);
+                                let denom = v.sqrt() * rule.inv_sqrt_bc2 + rule.eps;
+                                *p = *p * rule.decay - *m / denom * rule.step;
+                            }
+                        });
+                    Ok(())
+                })
             })
         })
     })?;
